@@ -1,0 +1,242 @@
+"""Tests of kfac_dist.costs: closed-form bytes per step, amortised bytes, memory and decomposition load."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+
+from kfac_dist.costs import (
+    CATEGORIES,
+    amortised_bytes,
+    decomposition_comm_numel,
+    decomposition_load,
+    factor_comm_numel,
+    factor_storage_numel,
+    memory_bytes,
+    step_bytes,
+)
+from kfac_dist.placement import LayerPlan, LayerShape, Plan, build_plan, compute_cost
+
+# Two layers, W = 2. fc1: A 3x3 (2 inputs + bias), G 2x2, 6 gradient elements; fc2: A 2x2, G 4x4, 8 elements.
+FC1 = LayerShape("fc1", 3, 2, grad_numel=6)
+FC2 = LayerShape("fc2", 2, 4, grad_numel=8)
+TINY = [FC1, FC2]
+# mem-opt: fc1 on rank 0, fc2 on rank 1, each sends its preconditioned gradient to the other rank.
+MEM_OPT = Plan(
+    2, 0.5, 1, "compute", (LayerPlan("fc1", 0, (0,), ((0, (1,)),)), LayerPlan("fc2", 1, (1,), ((1, (0,)),)))
+)
+# comm-opt: both ranks are grad workers of both layers; no gradient broadcast.
+COMM_OPT = Plan(2, 1.0, 2, "compute", (LayerPlan("fc1", 0, (0, 1)), LayerPlan("fc2", 1, (0, 1))))
+
+
+def flat(traffic: dict[int, dict[str, dict[str, int]]]) -> dict[tuple[int, str], tuple[int, int]]:
+    return {(r, c): (v["sent"], v["received"]) for r, per in traffic.items() for c, v in per.items()}
+
+
+def test_tiny_plans_are_what_build_plan_gives() -> None:
+    # compute cost fc2 = 8 + 64 > fc1 = 27 + 8: fc2 is placed first, on rank 0.
+    assert [lp.owner for lp in build_plan(TINY, 2, "mem-opt").layers] == [1, 0]
+    assert build_plan(TINY, 2, "mem-opt").grad_workers == 1
+    assert build_plan(TINY, 2, "comm-opt").grad_workers == 2
+
+
+def test_tiny_mem_opt_by_hand() -> None:
+    got = flat(step_bytes(MEM_OPT, TINY, factor_bytes=4, inv_bytes=4, grad_bytes=2))
+    # Factors as triangles: fc1 3*4/2 + 2*3/2 = 9 elements = 36 B, fc2 2*3/2 + 4*5/2 = 13 elements = 52 B.
+    # Reduce to the owner: rank 1 sends fc1 (36) to rank 0, rank 0 sends fc2 (52) to rank 1.
+    assert got[0, "factor_reduce"] == (52, 36)
+    assert got[1, "factor_reduce"] == (36, 52)
+    # One grad worker per layer: no decomposition moves.
+    assert got[0, "decomposition_broadcast"] == got[1, "decomposition_broadcast"] == (0, 0)
+    # Gradients in 2-byte elements: fc1 6 * 2 = 12 B from rank 0, fc2 8 * 2 = 16 B from rank 1.
+    assert got[0, "gradient_broadcast"] == (12, 16)
+    assert got[1, "gradient_broadcast"] == (16, 12)
+    # A plain step moves only gradients.
+    plain = flat(step_bytes(MEM_OPT, TINY, factor_step=False, inverse_step=False, grad_bytes=2))
+    assert plain[0, "factor_reduce"] == (0, 0) and plain[0, "gradient_broadcast"] == (12, 16)
+    # Full squares instead of triangles: fc1 9 + 4 = 13 elements, fc2 4 + 16 = 20 elements.
+    square = flat(step_bytes(MEM_OPT, TINY, symmetric_comm=False))
+    assert square[0, "factor_reduce"] == (80, 52)
+
+
+def test_tiny_comm_opt_by_hand() -> None:
+    got = flat(step_bytes(COMM_OPT, TINY, factor_bytes=2, inv_bytes=4, grad_bytes=4))
+    assert got[0, "factor_reduce"] == (26, 18) and got[1, "factor_reduce"] == (18, 26)  # 2-byte factors
+    # eigen: Q_A a^2, l_A a, Q_G g^2, l_G g (4 B each).
+    # fc1: 9 + 3 + 4 + 2 = 18 elements = 72 B; fc2: 4 + 2 + 16 + 4 = 26 elements = 104 B.
+    assert got[0, "decomposition_broadcast"] == (72, 104)
+    assert got[1, "decomposition_broadcast"] == (104, 72)
+    assert got[0, "gradient_broadcast"] == got[1, "gradient_broadcast"] == (0, 0)
+    # inverse: A^-1, G^-1 as triangles (fc1 6 + 3, fc2 3 + 10) or squares (fc1 9 + 4, fc2 4 + 16).
+    inv = flat(step_bytes(COMM_OPT, TINY, compute_method="inverse"))
+    assert inv[0, "decomposition_broadcast"] == (36, 52)
+    inv_sq = flat(step_bytes(COMM_OPT, TINY, compute_method="inverse", symmetric_comm=False))
+    assert inv_sq[0, "decomposition_broadcast"] == (52, 80)
+    # KAISA's allreduce of factors: every rank sends and receives all of them (9 + 13 elements).
+    ar = flat(step_bytes(COMM_OPT, TINY, factor_comm="allreduce"))
+    assert ar[0, "factor_reduce"] == ar[1, "factor_reduce"] == (88, 88)
+    # Inverse step without factor step: decompositions only.
+    only_inv = flat(step_bytes(COMM_OPT, TINY, factor_step=False))
+    assert only_inv[0, "factor_reduce"] == (0, 0) and only_inv[0, "decomposition_broadcast"] == (72, 104)
+
+
+def test_tiny_memory_by_hand() -> None:
+    mem = memory_bytes(MEM_OPT, TINY)
+    # Factors in full squares (4 B): fc1 9 + 4 = 13 -> 52 B on rank 0, fc2 4 + 16 = 20 -> 80 B on rank 1.
+    assert mem[0] == {"factors": 52, "decompositions": 72, "buffers": 132}
+    assert mem[1] == {"factors": 80, "decompositions": 104, "buffers": 132}
+    mem = memory_bytes(COMM_OPT, TINY, factor_comm="allreduce", compute_method="inverse", inv_bytes=2)
+    # Every rank: all factors, both inverses (fc1 13 + fc2 20 elements in 2 B), all buffers.
+    assert mem[0] == mem[1] == {"factors": 132, "decompositions": 66, "buffers": 132}
+
+
+def test_special_layers_numel() -> None:
+    emb = LayerShape("emb", 5, 3, grad_numel=15, a_diagonal=True)
+    assert factor_comm_numel(emb) == 5 + 6 and factor_comm_numel(emb, symmetric_comm=False) == 5 + 9
+    assert decomposition_comm_numel(emb) == 5 + 9 + 3  # eigen: no Q_A, only the diagonal
+    assert decomposition_comm_numel(emb, compute_method="inverse") == 5 + 6
+    assert factor_storage_numel(emb) == 5 + 9
+    grouped = LayerShape("conv", 2, 3, grad_numel=12, blocks=2)
+    assert factor_comm_numel(grouped) == 2 * (3 + 6)
+    assert decomposition_comm_numel(grouped) == 2 * (4 + 2 + 9 + 3)
+    assert factor_storage_numel(grouped) == 2 * (4 + 9)
+
+
+def layers_mixed() -> list[LayerShape]:
+    out = [
+        LayerShape(f"lin{i}", 10 + 7 * i, 5 + 3 * i, grad_numel=(10 + 7 * i) * (5 + 3 * i)) for i in range(9)
+    ]
+    out.append(LayerShape("emb", 50, 6, grad_numel=300, a_diagonal=True))
+    out.append(LayerShape("dw", 10, 1, grad_numel=40, blocks=4))
+    return out
+
+
+PLAN_CASES = [(w, f) for w in (1, 2, 3, 4, 5, 8) for f in ("mem-opt", "hybrid-opt", 0.75, "comm-opt")]
+
+
+@pytest.mark.parametrize("world_size,fraction", PLAN_CASES)
+@pytest.mark.parametrize("factor_comm", ["owner", "allreduce"])
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+def test_traffic_identities(world_size: int, fraction: str | float, factor_comm: str, method: str) -> None:
+    layers = layers_mixed()
+    plan = build_plan(layers, world_size, fraction)
+    g, w = plan.grad_workers, world_size
+    t = step_bytes(plan, layers, factor_comm=factor_comm, compute_method=method, grad_bytes=2)
+    total = {c: [sum(t[r][c][d] for r in range(w)) for d in ("sent", "received")] for c in CATEGORIES}
+    n_factor = 4 * sum(factor_comm_numel(s) for s in layers)
+    n_dec = 4 * sum(decomposition_comm_numel(s, compute_method=method) for s in layers)
+    n_grad = 2 * sum(s.grad_numel for s in layers)
+    if factor_comm == "owner":  # a reduce moves (W - 1) payloads, received by the owner
+        assert total["factor_reduce"] == [(w - 1) * n_factor] * 2
+    else:  # an allreduce: every rank sends and receives the payload
+        assert all(
+            t[r]["factor_reduce"] == {"sent": n_factor * (w > 1), "received": n_factor * (w > 1)} for r in t
+        )
+    assert total["decomposition_broadcast"] == [(g - 1) * n_dec] * 2
+    assert total["gradient_broadcast"] == [(w - g) * n_grad] * 2
+    for r in range(w):  # every non-worker receives every gradient it does not compute, exactly once
+        expected = sum(2 * s.grad_numel for s in layers if r not in plan.layer(s.name).grad_workers)
+        assert t[r]["gradient_broadcast"]["received"] == expected
+
+
+@pytest.mark.parametrize("world_size,fraction", PLAN_CASES)
+def test_memory_identities(world_size: int, fraction: str | float) -> None:
+    layers = layers_mixed()
+    plan = build_plan(layers, world_size, fraction)
+    total_factors = 4 * sum(factor_storage_numel(s) for s in layers)
+    owner = memory_bytes(plan, layers)
+    assert sum(m["factors"] for m in owner.values()) == total_factors  # each factor lives on one rank
+    assert all(m["buffers"] == total_factors for m in owner.values())  # every rank holds all contributions
+    allreduce = memory_bytes(plan, layers, factor_comm="allreduce")
+    assert all(m["factors"] == total_factors for m in allreduce.values())  # every rank holds every factor
+    total_dec = 4 * sum(decomposition_comm_numel(s, symmetric_comm=False) for s in layers)
+    assert sum(m["decompositions"] for m in owner.values()) == plan.grad_workers * total_dec
+    if plan.grad_workers == world_size:  # comm-opt: every rank holds every decomposition
+        assert all(m["decompositions"] == total_dec for m in owner.values())
+
+
+def test_mem_opt_vs_comm_opt() -> None:
+    layers = layers_mixed()
+    mem_opt, comm_opt = build_plan(layers, 4, "mem-opt"), build_plan(layers, 4, "comm-opt")
+    m1, m2 = memory_bytes(mem_opt, layers), memory_bytes(comm_opt, layers)
+    assert sum(m["decompositions"] for m in m2.values()) == 4 * sum(m["decompositions"] for m in m1.values())
+    t1, t2 = step_bytes(mem_opt, layers), step_bytes(comm_opt, layers)
+    assert all(t1[r]["decomposition_broadcast"] == {"sent": 0, "received": 0} for r in range(4))
+    assert all(t2[r]["gradient_broadcast"] == {"sent": 0, "received": 0} for r in range(4))
+    assert all(t1[r]["gradient_broadcast"]["received"] > 0 for r in range(4))
+
+
+def test_amortised() -> None:
+    layers = layers_mixed()
+    plan = build_plan(layers, 5, "hybrid-opt")
+    kw = {"compute_method": "inverse", "factor_bytes": 2, "grad_bytes": 2}
+    got = amortised_bytes(plan, layers, factor_update_steps=2, inv_update_steps=3, **kw)  # type: ignore[arg-type]
+    # simulate six steps: k = 0..5, factor steps 0, 2, 4 and inverse steps 0, 3 (step 3 is not a factor step)
+    sim = {r: {c: {"sent": Fraction(0), "received": Fraction(0)} for c in CATEGORIES} for r in range(5)}
+    for k in range(6):
+        step = step_bytes(plan, layers, factor_step=k % 2 == 0, inverse_step=k % 3 == 0, **kw)  # type: ignore[arg-type]
+        for r in range(5):
+            for c in CATEGORIES:
+                for d in ("sent", "received"):
+                    sim[r][c][d] += Fraction(step[r][c][d], 6)
+    assert got == {r: {c: {d: float(v) for d, v in x.items()} for c, x in p.items()} for r, p in sim.items()}
+    every = amortised_bytes(plan, layers, factor_update_steps=1, inv_update_steps=1)
+    full = step_bytes(plan, layers)
+    assert every == {
+        r: {c: {d: float(v) for d, v in x.items()} for c, x in p.items()} for r, p in full.items()
+    }
+    factors = step_bytes(plan, layers, inverse_step=False)
+    rare = amortised_bytes(plan, layers, factor_update_steps=10, inv_update_steps=100)
+    assert rare[0]["factor_reduce"]["sent"] == factors[0]["factor_reduce"]["sent"] / 10
+
+
+def test_decomposition_load() -> None:
+    layers = layers_mixed()
+    plan = build_plan(layers, 3, "comm-opt")
+    load = decomposition_load(plan, layers)
+    assert len(load.per_rank) == 3 and sum(load.per_rank) == sum(compute_cost(s) for s in layers)
+    for r in range(3):
+        assert load.per_rank[r] == sum(compute_cost(s) for s in layers if plan.layer(s.name).owner == r)
+    assert load.max == max(load.per_rank) and load.mean == sum(load.per_rank) / 3
+    assert load.imbalance == pytest.approx(load.max / load.mean) and load.imbalance < 1.2
+    assert decomposition_load(build_plan(layers, 1), layers).imbalance == 1.0
+    assert decomposition_load(build_plan([], 2), []).imbalance == 1.0
+
+
+def test_layers_must_match_plan() -> None:
+    with pytest.raises(ValueError, match="layers must match the plan's layers; missing: \\['fc2'\\]"):
+        step_bytes(MEM_OPT, [FC1])
+    with pytest.raises(ValueError, match="not in the plan: \\['x'\\]"):
+        memory_bytes(MEM_OPT, [*TINY, LayerShape("x", 2, 2, grad_numel=4)])
+    assert flat(step_bytes(MEM_OPT, [FC2, FC1])) == flat(step_bytes(MEM_OPT, TINY))  # order does not matter
+
+
+@pytest.mark.parametrize(
+    "kwargs,option",
+    [
+        ({"compute_method": "svd"}, "compute_method must be one of 'eigen', 'inverse'; got 'svd'"),
+        ({"factor_comm": "ring"}, "factor_comm must be one of 'owner', 'allreduce'; got 'ring'"),
+        ({"factor_bytes": 0}, "factor_bytes must be an integer >= 1; got 0"),
+        ({"inv_bytes": 2.0}, "inv_bytes must be an integer >= 1; got 2.0"),
+        ({"grad_bytes": True}, "grad_bytes must be an integer >= 1; got True"),
+        ({"symmetric_comm": "yes"}, "symmetric_comm must be True or False; got 'yes'"),
+        ({"factor_step": 1}, "factor_step must be True or False; got 1"),
+    ],
+)
+def test_step_bytes_rejects_bad_options(kwargs: dict[str, object], option: str) -> None:
+    with pytest.raises(ValueError, match=option.replace("(", "\\(")):
+        step_bytes(MEM_OPT, TINY, **kwargs)  # type: ignore[arg-type]
+
+
+def test_other_functions_reject_bad_options() -> None:
+    with pytest.raises(ValueError, match="factor_update_steps must be an integer >= 1; got 0"):
+        amortised_bytes(MEM_OPT, TINY, factor_update_steps=0, inv_update_steps=1)
+    with pytest.raises(ValueError, match="inv_update_steps must be an integer >= 1; got 1.5"):
+        amortised_bytes(MEM_OPT, TINY, factor_update_steps=1, inv_update_steps=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="compute_method must be one of"):
+        amortised_bytes(MEM_OPT, TINY, factor_update_steps=1, inv_update_steps=1, compute_method="qr")
+    with pytest.raises(ValueError, match="factor_comm must be one of"):
+        memory_bytes(MEM_OPT, TINY, factor_comm="all")
+    with pytest.raises(ValueError, match="inv_bytes must be an integer >= 1"):
+        memory_bytes(MEM_OPT, TINY, inv_bytes=-4)
