@@ -30,7 +30,7 @@ from kfac_dist.report import HEALTH_COUNTERS, Report
 logger = logging.getLogger("kfac_dist")
 
 #: Default damping, in kfac-dist's factor scale (docs/conventions.md); chosen by measurement (docs/defaults.md).
-DEFAULT_DAMPING = 1e-3
+DEFAULT_DAMPING = 1.0
 
 GradScaler = Any  # torch.amp.GradScaler, or a callable returning the current loss scale
 
