@@ -58,7 +58,11 @@ def check_value(option: str, value: object, step: int | None = None) -> float:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value, is_number = value.item(), True
-    if not is_number or not allowed.contains(float(value)) or (allowed.integer and float(value) != int(value)):
+    if (
+        not is_number
+        or not allowed.contains(float(value))
+        or (allowed.integer and float(value) != int(value))
+    ):
         raise ValueError(f"{option} must be {allowed.describe()}; got {value!r}{where}")
     return int(value) if allowed.integer else float(value)
 
@@ -85,7 +89,9 @@ def check_choice(option: str, value: object, choices: tuple[str, ...]) -> str:
     return str(value)
 
 
-def check_dtype(option: str, value: object, allowed: tuple[torch.dtype, ...], allow_none: bool) -> torch.dtype | None:
+def check_dtype(
+    option: str, value: object, allowed: tuple[torch.dtype, ...], allow_none: bool
+) -> torch.dtype | None:
     """Validate a dtype option."""
     if value is None and allow_none:
         return None

@@ -152,8 +152,11 @@ class KFACPreconditioner:
             if not has_trainable_parameters(module):
                 continue
             pattern = next(
-                (p for p in self.skip_layers if fnmatch.fnmatchcase(name, p)
-                 or fnmatch.fnmatchcase(type(module).__name__, p)),
+                (
+                    p
+                    for p in self.skip_layers
+                    if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(type(module).__name__, p)
+                ),
                 None,
             )
             if pattern is not None:
@@ -188,7 +191,9 @@ class KFACPreconditioner:
     def _count_forward_pass(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self._forward_passes += 1
 
-    def _capture_input(self, state: LayerState, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _capture_input(
+        self, state: LayerState, module: nn.Module, args: tuple[Any, ...], output: Any
+    ) -> None:
         """Forward hook: on factor steps, add the input's contribution and hook the output's gradient."""
         if not (self._capturing and torch.is_grad_enabled()):
             return
@@ -238,12 +243,16 @@ class KFACPreconditioner:
         decay = resolve("factor_decay", self.factor_decay, step)
         ready = [s for s in self._states.values() if s.accumulator.complete]
         batches = [s.accumulator.batch_factors() for s in ready]
-        finite = torch.stack(
-            [torch.isfinite(a).all() & torch.isfinite(g).all() for a, g in batches]
-        ).tolist() if batches else []
+        finite = (
+            torch.stack([torch.isfinite(a).all() & torch.isfinite(g).all() for a, g in batches]).tolist()
+            if batches
+            else []
+        )
         for state, (a, g), ok in zip(ready, batches, finite, strict=True):
             if not ok:
-                self._count(state, "nonfinite_factor_skipped", "a batch factor is not finite; kept the last average")
+                self._count(
+                    state, "nonfinite_factor_skipped", "a batch factor is not finite; kept the last average"
+                )
                 continue
             state.a = curvature.running_average(state.a, a, decay)
             state.g = curvature.running_average(state.g, g, decay)
@@ -265,7 +274,12 @@ class KFACPreconditioner:
         for attempt, dtype in enumerate(dtypes):
             try:
                 result = curvature.decompose(
-                    a, g, a_diagonal=state.layer.a_diagonal, method=self.compute_method, damping=damping, dtype=dtype
+                    a,
+                    g,
+                    a_diagonal=state.layer.a_diagonal,
+                    method=self.compute_method,
+                    damping=damping,
+                    dtype=dtype,
                 )
             except curvature.DecompositionError as error:
                 if attempt + 1 < len(dtypes):
@@ -299,7 +313,9 @@ class KFACPreconditioner:
         self._health[counter] += 1
         if counter not in state.logged:
             state.logged.add(counter)
-            logger.warning("kfac_dist: layer %s: %s (further occurrences are only counted)", state.layer.name, message)
+            logger.warning(
+                "kfac_dist: layer %s: %s (further occurrences are only counted)", state.layer.name, message
+            )
 
     # ----------------------------------------------------------------------------------------------- inspection
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -331,7 +347,9 @@ class KFACPreconditioner:
         return {
             "steps": self.steps,
             "factors": {
-                name: {"A": s.a, "G": s.g} for name, s in self._states.items() if s.a is not None and s.g is not None
+                name: {"A": s.a, "G": s.g}
+                for name, s in self._states.items()
+                if s.a is not None and s.g is not None
             },
             "health": dict(self._health),
         }
@@ -341,7 +359,9 @@ class KFACPreconditioner:
         factors = state_dict["factors"]
         unknown = sorted(set(factors) - set(self._states))
         if unknown:
-            raise ValueError(f"state_dict holds factors of modules this preconditioner does not have: {unknown}")
+            raise ValueError(
+                f"state_dict holds factors of modules this preconditioner does not have: {unknown}"
+            )
         for name, state in self._states.items():
             entry = factors.get(name)
             if entry is None:
@@ -373,8 +393,12 @@ def _squeeze(factor: torch.Tensor | None) -> torch.Tensor:
     return factor[0] if factor.shape[0] == 1 else factor
 
 
-def _check_shape(name: str, which: str, tensor: torch.Tensor, expected: Callable[[], tuple[int, ...]]) -> None:
+def _check_shape(
+    name: str, which: str, tensor: torch.Tensor, expected: Callable[[], tuple[int, ...]]
+) -> None:
     """Refuse a loaded factor whose shape does not fit the module."""
     shape = expected()
     if tuple(tensor.shape) != shape:
-        raise ValueError(f"state_dict factor {which} of {name} has shape {tuple(tensor.shape)}, expected {shape}")
+        raise ValueError(
+            f"state_dict factor {which} of {name} has shape {tuple(tensor.shape)}, expected {shape}"
+        )

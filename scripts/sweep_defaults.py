@@ -38,7 +38,7 @@ def train(steps: int, lr: float, damping: float | None, kl_clip: float | None, s
     for step in range(steps):
         if (step * 64) % len(order) + 64 > len(order):
             order = torch.randperm(len(train_split.labels), generator=generator)
-        index = order[(step * 64) % len(order):][:64]
+        index = order[(step * 64) % len(order) :][:64]
         optimizer.zero_grad()
         loss = nn.functional.cross_entropy(model(train_split.images[index]), train_split.labels[index])
         loss.backward()
@@ -62,16 +62,28 @@ def main() -> None:
     torch.set_num_threads(1)
     runs = []
     for lr in (0.01, 0.03, 0.1, 0.3):
-        runs.append({"method": "sgd", "lr": lr, "damping": None, "kl_clip": None,
-                     **train(args.steps, lr, None, None, args.seed)})
+        runs.append(
+            {
+                "method": "sgd",
+                "lr": lr,
+                "damping": None,
+                "kl_clip": None,
+                **train(args.steps, lr, None, None, args.seed),
+            }
+        )
         print(runs[-1], flush=True)
     for lr, damping, kl_clip in itertools.product((0.03, 0.1, 0.3), (0.01, 0.1, 1.0, 10.0), (1e-3, None)):
         result = train(args.steps, lr, damping, kl_clip, args.seed)
         runs.append({"method": "kfac", "lr": lr, "damping": damping, "kl_clip": kl_clip, **result})
         print(runs[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"steps": args.steps, "seed": args.seed, "runs": runs}, indent=1))
-    lines = ["| method | lr | damping | kl_clip | train loss | test acc | s |", "|---|---|---|---|---|---|---|"]
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"steps": args.steps, "seed": args.seed, "runs": runs}, indent=1)
+    )
+    lines = [
+        "| method | lr | damping | kl_clip | train loss | test acc | s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     lines += [
         f"| {r['method']} | {r['lr']} | {r['damping']} | {r['kl_clip']} | {r['train_loss']:.4f} | "
         f"{r['test_accuracy']:.4f} | {r['seconds']:.1f} |"

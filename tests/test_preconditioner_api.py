@@ -187,7 +187,9 @@ def test_nonfinite_batch_factor_is_skipped_and_counted() -> None:
         assert torch.equal(a, good[name][0]) and torch.equal(g, good[name][1])
 
 
-def test_decomposition_failure_retries_in_float64_then_keeps_previous(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decomposition_failure_retries_in_float64_then_keeps_previous(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     model = mlp()
     pre = KFACPreconditioner(model, inv_dtype=torch.float32)
     backward(model)
@@ -248,7 +250,7 @@ def test_grad_scaler_is_divided_out_of_g() -> None:
         p.grad /= 1024.0  # what scaler.unscale_(optimizer) does
     pre_plain.step()
     pre_scaled.step()
-    for name, (a, g) in pre_plain.factors().items():
+    for name, (_a, g) in pre_plain.factors().items():
         torch.testing.assert_close(pre_scaled.factors()[name][1], g, rtol=1e-5, atol=1e-7)
 
 
@@ -273,7 +275,7 @@ def test_state_dict_round_trip_restores_factors_and_steps() -> None:
     backward(other_model, seed=9)
     pre.step()
     other.step()
-    for p, q in zip(model.parameters(), other_model.parameters(), strict=True):
+    for _p, q in zip(model.parameters(), other_model.parameters(), strict=True):
         assert torch.isfinite(q.grad).all()
     with pytest.raises(ValueError, match="shape"):
         KFACPreconditioner(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))).load_state_dict(state)

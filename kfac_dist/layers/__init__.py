@@ -9,7 +9,14 @@ from kfac_dist.layers.conv import ConvLayer
 from kfac_dist.layers.embedding import EmbeddingLayer
 from kfac_dist.layers.linear import LinearLayer
 
-__all__ = ["KFACLayer", "ConvLayer", "EmbeddingLayer", "LinearLayer", "make_layer", "has_trainable_parameters"]
+__all__ = [
+    "KFACLayer",
+    "ConvLayer",
+    "EmbeddingLayer",
+    "LinearLayer",
+    "make_layer",
+    "has_trainable_parameters",
+]
 
 
 def has_trainable_parameters(module: nn.Module) -> bool:
