@@ -20,6 +20,7 @@ class FactorAccumulator:
         self.g_sum: torch.Tensor | None = None
         self.rows = 0
         self.examples = 0
+        self.pending = 0
         self._forward_pass: int | None = None
 
     def add_input(self, inputs: torch.Tensor, forward_pass: int, dtype: torch.dtype) -> None:
@@ -27,6 +28,7 @@ class FactorAccumulator:
         contribution, rows = self.layer.a_contribution(inputs, dtype)
         self.a_sum = contribution if self.a_sum is None else self.a_sum.add_(contribution)
         self.rows += rows
+        self.pending += 1
         if forward_pass != self._forward_pass:
             self.examples += self.layer.examples(inputs)
             self._forward_pass = forward_pass
@@ -35,6 +37,7 @@ class FactorAccumulator:
         """Add one module call's output gradient, scaled to per-example loss gradients."""
         contribution = self.layer.g_contribution(grad_output, dtype, scale)
         self.g_sum = contribution if self.g_sum is None else self.g_sum.add_(contribution)
+        self.pending -= 1
 
     @property
     def complete(self) -> bool:
@@ -46,8 +49,12 @@ class FactorAccumulator:
         assert self.a_sum is not None and self.g_sum is not None
         return self.a_sum / self.rows, self.g_sum / self.examples
 
+    def nbytes(self) -> int:
+        """Bytes held by the two sums."""
+        return sum(t.numel() * t.element_size() for t in (self.a_sum, self.g_sum) if t is not None)
+
     def clear(self) -> None:
         """Forget this step's contributions."""
         self.a_sum = self.g_sum = None
-        self.rows = self.examples = 0
+        self.rows = self.examples = self.pending = 0
         self._forward_pass = None

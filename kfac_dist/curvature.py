@@ -68,9 +68,7 @@ def _symmetric_eigh(matrix: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Ten
     return values.clamp_(min=0.0), vectors
 
 
-def eigen_decomposition(
-    a: torch.Tensor, g: torch.Tensor, a_diagonal: bool, dtype: torch.dtype
-) -> EigenDecomposition:
+def eigen_decomposition(a: torch.Tensor, g: torch.Tensor, a_diagonal: bool, dtype: torch.dtype) -> EigenDecomposition:
     """Eigendecompositions of A and G in ``dtype``."""
     l_g, q_g = _symmetric_eigh(g, dtype)
     if a_diagonal:
@@ -84,9 +82,7 @@ def pi_correction(a: torch.Tensor, g: torch.Tensor, a_diagonal: bool) -> torch.T
     mean_a = a.mean(dim=-1) if a_diagonal else torch.diagonal(a, dim1=-2, dim2=-1).mean(dim=-1)
     mean_g = torch.diagonal(g, dim1=-2, dim2=-1).mean(dim=-1)
     valid = (mean_a > 0) & (mean_g > 0)
-    ratio = torch.where(
-        valid, mean_a / torch.where(valid, mean_g, torch.ones_like(mean_g)), torch.ones_like(mean_a)
-    )
+    ratio = torch.where(valid, mean_a / torch.where(valid, mean_g, torch.ones_like(mean_g)), torch.ones_like(mean_a))
     return ratio.sqrt()
 
 
@@ -129,12 +125,20 @@ def decompose(
     return inverse_decomposition(a, g, a_diagonal, damping, dtype)
 
 
+def cast(decomposition: Decomposition, dtype: torch.dtype) -> Decomposition:
+    """The decomposition with every tensor cast to ``dtype``."""
+    if isinstance(decomposition, InverseDecomposition):
+        return InverseDecomposition(decomposition.a_inv.to(dtype), decomposition.g_inv.to(dtype))
+    q_a = None if decomposition.q_a is None else decomposition.q_a.to(dtype)
+    return EigenDecomposition(
+        q_a, decomposition.l_a.to(dtype), decomposition.q_g.to(dtype), decomposition.l_g.to(dtype)
+    )
+
+
 def precondition(decomposition: Decomposition, grad: torch.Tensor, damping: float) -> torch.Tensor:
     """The preconditioned gradient matrix, in the decomposition's dtype."""
     matrix = grad.to(
-        decomposition.l_g.dtype
-        if isinstance(decomposition, EigenDecomposition)
-        else decomposition.g_inv.dtype
+        decomposition.l_g.dtype if isinstance(decomposition, EigenDecomposition) else decomposition.g_inv.dtype
     )
     if isinstance(decomposition, InverseDecomposition):
         if decomposition.a_inv.dim() == 2:  # diagonal A

@@ -13,6 +13,7 @@ Hyper = float | int | Callable[[int], float]
 
 COMPUTE_METHODS = ("eigen", "inverse")
 LOSS_REDUCTIONS = ("mean", "sum")
+FACTOR_COMMS = ("owner", "allreduce")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ RANGES: dict[str, Range] = {
     "factor_decay": Range(0, 1),
     "kl_clip": Range(0, low_open=True),
     "lr": Range(0),
+    "bucket_cap_mb": Range(0, low_open=True),
 }
 
 
@@ -58,11 +60,7 @@ def check_value(option: str, value: object, step: int | None = None) -> float:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value, is_number = value.item(), True
-    if (
-        not is_number
-        or not allowed.contains(float(value))
-        or (allowed.integer and float(value) != int(value))
-    ):
+    if not is_number or not allowed.contains(float(value)) or (allowed.integer and float(value) != int(value)):
         raise ValueError(f"{option} must be {allowed.describe()}; got {value!r}{where}")
     return int(value) if allowed.integer else float(value)
 
@@ -89,9 +87,7 @@ def check_choice(option: str, value: object, choices: tuple[str, ...]) -> str:
     return str(value)
 
 
-def check_dtype(
-    option: str, value: object, allowed: tuple[torch.dtype, ...], allow_none: bool
-) -> torch.dtype | None:
+def check_dtype(option: str, value: object, allowed: tuple[torch.dtype, ...], allow_none: bool) -> torch.dtype | None:
     """Validate a dtype option."""
     if value is None and allow_none:
         return None
@@ -112,3 +108,10 @@ def check_patterns(option: str, value: object) -> tuple[str, ...]:
     if not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"{option} must be a string or a sequence of strings; got {value!r}")
     return patterns
+
+
+def check_flag(option: str, value: object) -> bool:
+    """Validate a boolean option."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{option} must be True or False; got {value!r}")
+    return value

@@ -1,30 +1,33 @@
-"""When each part of a K-FAC step happens: capture, factor update, decomposition, preconditioning."""
+"""When each part of a K-FAC step happens: capture, factor exchange, decomposition, preconditioning."""
 
 from __future__ import annotations
 
-import fnmatch
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from kfac_dist import curvature
-from kfac_dist.capture import FactorAccumulator
-from kfac_dist.layers import KFACLayer, has_trainable_parameters, make_layer
+from kfac_dist.comm import Communicator, LocalCommunicator, TorchDistCommunicator
+from kfac_dist.exchange import Exchange, ExchangeOptions
 from kfac_dist.options import (
     COMPUTE_METHODS,
+    FACTOR_COMMS,
     LOSS_REDUCTIONS,
     Hyper,
     check_choice,
     check_dtype,
+    check_flag,
     check_hyper,
     check_patterns,
     resolve,
 )
+from kfac_dist.placement import Plan, build_plan, resolve_grad_worker_fraction
+from kfac_dist.registry import LayerState, common_dtype, describe_shapes, register_layers, unwrap
 from kfac_dist.report import HEALTH_COUNTERS, Report
 
 logger = logging.getLogger("kfac_dist")
@@ -35,46 +38,19 @@ DEFAULT_DAMPING = 1.0
 GradScaler = Any  # torch.amp.GradScaler, or a callable returning the current loss scale
 
 
-@dataclass
-class LayerState:
-    """Everything the preconditioner keeps for one layer."""
-
-    layer: KFACLayer
-    accumulator: FactorAccumulator
-    factor_dtype: torch.dtype
-    a: torch.Tensor | None = None
-    g: torch.Tensor | None = None
-    decomposition: curvature.Decomposition | None = None
-    fired: bool = False
-    logged: set[str] = field(default_factory=set)
-
-    def a_shape(self) -> tuple[int, ...]:
-        """Shape of the stored A factor: ``(blocks, n)`` when diagonal, else ``(blocks, n, n)``."""
-        blocks, side = self.layer.blocks, self.layer.a_side
-        return (blocks, side) if self.layer.a_diagonal else (blocks, side, side)
-
-    def g_shape(self) -> tuple[int, ...]:
-        """Shape of the stored G factor, ``(blocks, m, m)``."""
-        return (self.layer.blocks, self.layer.g_side, self.layer.g_side)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel (or DataParallel) wrapper."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
-
-
-def _default_factor_dtype(layer: KFACLayer) -> torch.dtype:
-    """Factors in the weight's dtype, but at least float32 (half-precision factors lose too much)."""
-    dtype = layer.module.weight.dtype
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+def default_communicator() -> Communicator:
+    """torch.distributed's communicator when a process group is initialised, else the one-process world."""
+    if dist.is_available() and dist.is_initialized():
+        return TorchDistCommunicator()
+    return LocalCommunicator()
 
 
 class KFACPreconditioner:
-    """Kronecker-factored (K-FAC / KFC) preconditioner of a model's gradients.
+    """Kronecker-factored (K-FAC / KFC) preconditioner of a model's gradients, on one rank or many.
 
     Call order each step: ``loss.backward(); pre.step(); optimizer.step()``. ``step()`` replaces the gradients of
-    every supported layer by their preconditioned values; any ``torch.optim`` optimizer then applies them.
+    every supported layer by their preconditioned values; any ``torch.optim`` optimizer then applies them. With
+    several ranks, gradients must already be averaged over ranks when ``step()`` runs (DDP does this).
 
     Args:
         model: the model (a DistributedDataParallel wrapper is looked through).
@@ -88,9 +64,16 @@ class KFACPreconditioner:
         loss_reduction: "mean" if the loss is the batch mean, "sum" if it is the batch sum.
         accumulation_steps: micro-batches per optimizer step (each micro-batch loss divided by this number).
         grad_scaler: a ``torch.amp.GradScaler`` or a callable returning the loss scale; G is unscaled with it.
-        factor_dtype: dtype of the factors (default: the weight's dtype, at least float32).
+        factor_dtype: dtype of the factors (default: the weights' dtype, at least float32).
         inv_dtype: dtype of the decompositions, float32 or float64.
         skip_layers: glob patterns matched against module names and class names; matches are not preconditioned.
+        grad_worker_fraction: fraction f of ranks that precondition each layer's gradient, in (0, 1], or
+            "mem-opt" (1/W), "hybrid-opt" (0.5), "comm-opt" (1); see :mod:`kfac_dist.placement`.
+        assignment: "compute" or "memory": the cost that orders the placement of layers on ranks.
+        factor_comm: "owner" (factors are reduced to the rank that decomposes them) or "allreduce" (KAISA).
+        symmetric_comm: send symmetric matrices as upper triangles.
+        bucket_cap_mb: size of the fusion buckets of every exchange.
+        communicator: how bytes move (default: torch.distributed if initialised, else one process).
 
     Hyperparameters ``factor_update_steps``, ``inv_update_steps``, ``damping``, ``factor_decay``, ``kl_clip`` and
     ``lr`` may be callables of the K-FAC step (the number of completed ``step()`` calls).
@@ -113,6 +96,12 @@ class KFACPreconditioner:
         factor_dtype: torch.dtype | None = None,
         inv_dtype: torch.dtype = torch.float32,
         skip_layers: Iterable[str] | str = (),
+        grad_worker_fraction: float | str = "comm-opt",
+        assignment: str = "compute",
+        factor_comm: str = "owner",
+        symmetric_comm: bool = True,
+        bucket_cap_mb: float = 25.0,
+        communicator: Communicator | None = None,
     ) -> None:
         self.factor_update_steps = check_hyper("factor_update_steps", factor_update_steps)
         self.inv_update_steps = check_hyper("inv_update_steps", inv_update_steps)
@@ -127,17 +116,46 @@ class KFACPreconditioner:
             raise ValueError(f"grad_scaler must be a torch.amp.GradScaler or a callable; got {grad_scaler!r}")
         self.grad_scaler = grad_scaler
         floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-        self.factor_dtype = check_dtype("factor_dtype", factor_dtype, floats, allow_none=True)
+        chosen_factor_dtype = check_dtype("factor_dtype", factor_dtype, floats, allow_none=True)
         self.inv_dtype = check_dtype("inv_dtype", inv_dtype, (torch.float32, torch.float64), allow_none=False)
         self.skip_layers = check_patterns("skip_layers", skip_layers)
+        factor_comm = check_choice("factor_comm", factor_comm, FACTOR_COMMS)
+        symmetric_comm = check_flag("symmetric_comm", symmetric_comm)
+        bucket_cap_mb = float(resolve("bucket_cap_mb", bucket_cap_mb, 0))
+        self.comm = communicator if communicator is not None else default_communicator()
+        fraction = resolve_grad_worker_fraction(grad_worker_fraction, self.comm.world_size)
 
-        self.model = _unwrap(model)
+        self.model = unwrap(model)
+        self._states, self._report = register_layers(self.model, self.skip_layers)
+        self._grad_dtype = common_dtype(self._states, "model")
+        self._factor_dtype = chosen_factor_dtype or (
+            self._grad_dtype if self._grad_dtype in (torch.float32, torch.float64) else torch.float32
+        )
+        shapes = [state.shape() for state in self._states.values()]
+        self._check_same_layers(describe_shapes(shapes))
+        self._plan = build_plan(shapes, self.comm.world_size, fraction, assignment)
+        self.comm.check_same(self._plan.fingerprint(), "K-FAC plan fingerprint")
+        self.comm.create_groups(self._plan.groups())
+        options = ExchangeOptions(
+            factor_comm=factor_comm,
+            symmetric_comm=symmetric_comm,
+            bucket_cap_mb=bucket_cap_mb,
+            compute_method=self.compute_method,
+            factor_dtype=self._factor_dtype,
+            inv_dtype=self.inv_dtype,
+            grad_dtype=self._grad_dtype,
+            device=next(iter(self._states.values())).layer.module.weight.device,
+        )
+        grad_shapes = {name: state.grad_shape() for name, state in self._states.items()}
+        self._exchange = Exchange(self._plan, shapes, grad_shapes, self.comm, options)
+
         self.steps = 0
         self._forward_passes = 0
+        self._passes_this_step = 0
+        self._force_inverse = False
+        self._buffer_bytes = 0
+        self._last_buffer_bytes = 0
         self._health = dict.fromkeys(HEALTH_COUNTERS, 0)
-        self._report = Report()
-        self._states: dict[str, LayerState] = {}
-        self._register_layers()
         self._handles = [self.model.register_forward_pre_hook(self._count_forward_pass)]
         self._handles += [
             state.layer.module.register_forward_hook(partial(self._capture_input, state))
@@ -145,34 +163,23 @@ class KFACPreconditioner:
         ]
         self._capturing = self._is_factor_step(0)
 
-    # ----------------------------------------------------------------------------------------------- set-up
-    def _register_layers(self) -> None:
-        """Sort every trainable module into preconditioned, skipped or unsupported."""
-        for name, module in self.model.named_modules():
-            if not has_trainable_parameters(module):
+    def _check_same_layers(self, lines: list[str]) -> None:
+        """Fail on every rank, naming the rank and the layer, if ranks registered different layers."""
+        gathered = self.comm.gather_strings("\n".join(lines))
+        reference = gathered[0].split("\n")
+        for rank, text in enumerate(gathered):
+            mine = text.split("\n")
+            if mine == reference:
                 continue
-            pattern = next(
-                (
-                    p
-                    for p in self.skip_layers
-                    if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(type(module).__name__, p)
-                ),
-                None,
+            index = next(
+                (i for i, (x, y) in enumerate(zip(mine, reference, strict=False)) if x != y),
+                min(len(mine), len(reference)),
             )
-            if pattern is not None:
-                self._report.skipped[name] = pattern
-                continue
-            layer = make_layer(name, module)
-            if isinstance(layer, str):
-                self._report.unsupported[name] = layer
-                continue
-            dtype = self.factor_dtype or _default_factor_dtype(layer)
-            self._states[name] = LayerState(layer, FactorAccumulator(layer), dtype)
-        if not self._states:
-            raise ValueError(
-                f"the model has no module K-FAC can precondition (supported: Linear, Conv1d, Conv2d, Embedding); "
-                f"skipped: {sorted(self._report.skipped) or 'none'}, "
-                f"unsupported: {sorted(self._report.unsupported) or 'none'}"
+            got = mine[index] if index < len(mine) else "no such layer"
+            expected = reference[index] if index < len(reference) else "no such layer"
+            raise RuntimeError(
+                f"rank {rank}'s model differs from rank 0's at preconditioned layer #{index}: "
+                f"rank {rank} has [{got}], rank 0 has [{expected}]"
             )
 
     def remove_hooks(self) -> None:
@@ -190,10 +197,10 @@ class KFACPreconditioner:
 
     def _count_forward_pass(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self._forward_passes += 1
+        if torch.is_grad_enabled():
+            self._passes_this_step += 1
 
-    def _capture_input(
-        self, state: LayerState, module: nn.Module, args: tuple[Any, ...], output: Any
-    ) -> None:
+    def _capture_input(self, state: LayerState, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         """Forward hook: on factor steps, add the input's contribution and hook the output's gradient."""
         if not (self._capturing and torch.is_grad_enabled()):
             return
@@ -203,14 +210,22 @@ class KFACPreconditioner:
             return
         inputs = args[0].detach()
         state.fired = True
-        state.accumulator.add_input(inputs, self._forward_passes, state.factor_dtype)
+        state.accumulator.add_input(inputs, self._forward_passes, self._factor_dtype)
         output.register_hook(partial(self._capture_output_grad, state, state.layer.examples(inputs)))
 
     def _capture_output_grad(self, state: LayerState, examples: int, grad_output: torch.Tensor) -> None:
-        """Tensor hook on a module output: add the per-example output gradients' contribution."""
+        """Tensor hook on a module output: add the output gradient; hand finished layers to the exchange."""
         scale = float(examples * self.accumulation_steps) if self.loss_reduction == "mean" else 1.0
         scale /= self._loss_scale()
-        state.accumulator.add_output_grad(grad_output.detach(), state.factor_dtype, scale)
+        accumulator = state.accumulator
+        accumulator.add_output_grad(grad_output.detach(), self._factor_dtype, scale)
+        if accumulator.pending == 0 and self._passes_this_step >= self.accumulation_steps:
+            self._send_factors(state)
+
+    def _send_factors(self, state: LayerState) -> None:
+        self._buffer_bytes += state.accumulator.nbytes()
+        self._exchange.add_factors(state.name, *state.accumulator.batch_factors())
+        state.sent = True
 
     def _loss_scale(self) -> float:
         if self.grad_scaler is None:
@@ -223,8 +238,7 @@ class KFACPreconditioner:
     def step(self) -> None:
         """Update factors and decompositions as scheduled and precondition the gradients in place."""
         step = self.steps
-        active = [s for s in self._states.values() if s.layer.has_grad()]
-        if not active:
+        if not any(s.layer.has_grad() for s in self._states.values()):
             raise RuntimeError(
                 "KFACPreconditioner.step() found no gradient on any preconditioned layer: "
                 "call loss.backward() before pre.step()"
@@ -232,39 +246,45 @@ class KFACPreconditioner:
         damping = resolve("damping", self.damping, step)
         if self._capturing:
             self._update_factors(step)
-        inverse_step = self._is_inverse_step(step)
-        self._update_decompositions(damping, only_missing=not inverse_step)
-        self._precondition(active, damping, step)
+        if self._is_inverse_step(step) or self._force_inverse:
+            self._update_decompositions(damping)
+            self._force_inverse = False
+        self._precondition(damping, step)
         self.steps += 1
+        self._passes_this_step = 0
         self._capturing = self._is_factor_step(self.steps)
 
     def _update_factors(self, step: int) -> None:
-        """Fold this step's batch factors into the running averages; skip non-finite ones."""
+        """Reduce this step's batch factors and fold them into the running averages this rank keeps."""
+        for state in self._states.values():
+            if state.accumulator.complete and not state.sent:
+                self._send_factors(state)
+        reduced = self._exchange.reduce_factors()
         decay = resolve("factor_decay", self.factor_decay, step)
-        ready = [s for s in self._states.values() if s.accumulator.complete]
-        batches = [s.accumulator.batch_factors() for s in ready]
-        finite = (
-            torch.stack([torch.isfinite(a).all() & torch.isfinite(g).all() for a, g in batches]).tolist()
-            if batches
-            else []
-        )
-        for state, (a, g), ok in zip(ready, batches, finite, strict=True):
+        ready = [(self._states[name], a, g) for name, (a, g) in reduced.items() if self._states[name].sent]
+        finite = torch.stack([torch.isfinite(a).all() & torch.isfinite(g).all() for _, a, g in ready]).tolist()
+        for (state, a, g), ok in zip(ready, finite, strict=True):
             if not ok:
-                self._count(
-                    state, "nonfinite_factor_skipped", "a batch factor is not finite; kept the last average"
-                )
+                self._count(state, "nonfinite_factor_skipped", "a batch factor is not finite; kept the last average")
                 continue
             state.a = curvature.running_average(state.a, a, decay)
             state.g = curvature.running_average(state.g, g, decay)
+        self._last_buffer_bytes = self._buffer_bytes
+        self._buffer_bytes = 0
         for state in self._states.values():
             state.accumulator.clear()
+            state.sent = False
 
-    def _update_decompositions(self, damping: float, only_missing: bool) -> None:
-        """Decompose every layer's factors (or only those without a decomposition yet)."""
-        for state in self._states.values():
-            if state.a is None or state.g is None or (only_missing and state.decomposition is not None):
-                continue
-            state.decomposition = self._decompose(state, state.a, state.g, damping)
+    def _update_decompositions(self, damping: float) -> None:
+        """Owners decompose their layers' factors; grad workers receive the decompositions."""
+        owned: dict[str, curvature.Decomposition | None] = {}
+        for name in self._plan.layers_owned_by(self.comm.rank):
+            state = self._states[name]
+            if state.a is not None and state.g is not None:
+                state.decomposition = self._decompose(state, state.a, state.g, damping)
+            owned[name] = state.decomposition
+        for name, decomposition in self._exchange.share_decompositions(owned).items():
+            self._states[name].decomposition = decomposition
 
     def _decompose(
         self, state: LayerState, a: torch.Tensor, g: torch.Tensor, damping: float
@@ -274,38 +294,46 @@ class KFACPreconditioner:
         for attempt, dtype in enumerate(dtypes):
             try:
                 result = curvature.decompose(
-                    a,
-                    g,
-                    a_diagonal=state.layer.a_diagonal,
-                    method=self.compute_method,
-                    damping=damping,
-                    dtype=dtype,
+                    a, g, a_diagonal=state.layer.a_diagonal, method=self.compute_method, damping=damping, dtype=dtype
                 )
             except curvature.DecompositionError as error:
                 if attempt + 1 < len(dtypes):
                     self._count(state, "decomposition_retried_float64", f"{error}; retrying in float64")
                 continue
-            return result if dtype == self.inv_dtype else _cast(result, self.inv_dtype)
+            return result if dtype == self.inv_dtype else curvature.cast(result, self.inv_dtype)
         if state.decomposition is not None:
             self._count(state, "decomposition_kept_previous", "decomposition failed; kept the previous one")
         else:
             self._count(state, "decomposition_unavailable", "decomposition failed; gradient left as it is")
         return state.decomposition
 
-    def _precondition(self, active: list[LayerState], damping: float, step: int) -> None:
-        """Replace gradients by their preconditioned values, KL-clipped."""
-        ready = [s for s in active if s.decomposition is not None]
-        grads = [s.layer.grad_matrix() for s in ready]
-        results = [
-            curvature.precondition(s.decomposition, m, damping)  # type: ignore[arg-type]
-            for s, m in zip(ready, grads, strict=True)
-        ]
-        if self.kl_clip is not None and results:
+    def _precondition(self, damping: float, step: int) -> None:
+        """Grad workers precondition, the others receive; then KL-clip and write every ``.grad``."""
+        computed: dict[str, torch.Tensor] = {}
+        for name in self._plan.layers_worked_by(self.comm.rank):
+            state = self._states[name]
+            if state.decomposition is not None and state.layer.has_grad():
+                matrix = curvature.precondition(state.decomposition, state.layer.grad_matrix(), damping)
+                computed[name] = matrix.to(self._grad_dtype)
+        received = self._exchange.share_gradients(computed)
+        # A received all-zero gradient means "not preconditioned" (a preconditioned gradient is zero only when
+        # the raw one is): keep the raw gradient then, decided on the device without a host sync.
+        states, preconditioned, raw = [], [], []
+        for name, state in self._states.items():
+            result = computed.get(name, received.get(name))
+            if result is None or not state.layer.has_grad():
+                continue
+            states.append(state)
+            preconditioned.append(result)
+            raw.append(state.layer.grad_matrix())
+        if self.kl_clip is not None and preconditioned:
             kl_clip = resolve("kl_clip", self.kl_clip, step)
             lr = resolve("lr", self.lr, step)
-            scale = curvature.kl_clip_scale(results, grads, lr, kl_clip)
-            results = [r * scale for r in results]
-        for state, result in zip(ready, results, strict=True):
+            scale = curvature.kl_clip_scale(preconditioned, raw, lr, kl_clip)
+            preconditioned = [p * scale.to(p.dtype) for p in preconditioned]
+        for state, result, grad in zip(states, preconditioned, raw, strict=True):
+            if state.name in received:
+                result = torch.where((received[state.name] == 0).all(), grad, result)
             state.layer.set_grad_matrix(result)
 
     def _count(self, state: LayerState, counter: str, message: str) -> None:
@@ -313,13 +341,31 @@ class KFACPreconditioner:
         self._health[counter] += 1
         if counter not in state.logged:
             state.logged.add(counter)
-            logger.warning(
-                "kfac_dist: layer %s: %s (further occurrences are only counted)", state.layer.name, message
-            )
+            logger.warning("kfac_dist: layer %s: %s (further occurrences are only counted)", state.name, message)
 
     # ----------------------------------------------------------------------------------------------- inspection
+    def plan(self) -> Plan:
+        """The placement every rank holds."""
+        return self._plan
+
+    def comm_stats(self) -> dict[str, dict[str, int]]:
+        """Bytes this rank sent and received since construction, by category."""
+        return self.comm.stats()
+
+    def memory_usage(self) -> dict[str, int]:
+        """Bytes of K-FAC state held on this rank, by category.
+
+        ``factors``: running averages; ``decompositions``: eigenbases/inverses; ``buffers``: the batch-factor
+        sums of the last factor step.
+        """
+        factors = sum(_nbytes(t) for s in self._states.values() for t in (s.a, s.g) if t is not None)
+        decompositions = sum(
+            _nbytes(t) for s in self._states.values() if s.decomposition is not None for t in s.decomposition.tensors()
+        )
+        return {"factors": factors, "decompositions": decompositions, "buffers": self._last_buffer_bytes}
+
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{module_name: (A, G)}``: current running averages (squeezed for single-block layers)."""
+        """``{module_name: (A, G)}``: running averages this rank keeps (squeezed for single-block layers)."""
         return {
             name: (_squeeze(s.a), _squeeze(s.g))
             for name, s in self._states.items()
@@ -338,18 +384,16 @@ class KFACPreconditioner:
         )
 
     def health(self) -> dict[str, int]:
-        """Counters of numerical fallbacks since construction."""
+        """Counters of numerical fallbacks on this rank since construction."""
         return dict(self._health)
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Steps and running-average factors (decompositions are recomputed after loading)."""
+        """Steps and the running-average factors this rank keeps (decompositions are recomputed on load)."""
         return {
             "steps": self.steps,
             "factors": {
-                name: {"A": s.a, "G": s.g}
-                for name, s in self._states.items()
-                if s.a is not None and s.g is not None
+                name: {"A": s.a, "G": s.g} for name, s in self._states.items() if s.a is not None and s.g is not None
             },
             "health": dict(self._health),
         }
@@ -359,32 +403,25 @@ class KFACPreconditioner:
         factors = state_dict["factors"]
         unknown = sorted(set(factors) - set(self._states))
         if unknown:
-            raise ValueError(
-                f"state_dict holds factors of modules this preconditioner does not have: {unknown}"
-            )
+            raise ValueError(f"state_dict holds factors of modules this preconditioner does not have: {unknown}")
         for name, state in self._states.items():
-            entry = factors.get(name)
+            entry = factors.get(name) if self._exchange.keeps_factors(name) else None
             if entry is None:
                 state.a = state.g = None
             else:
-                _check_shape(name, "A", entry["A"], state.a_shape)
-                _check_shape(name, "G", entry["G"], state.g_shape)
-                state.a = entry["A"].to(state.factor_dtype).clone()
-                state.g = entry["G"].to(state.factor_dtype).clone()
+                _check_shape(name, "A", entry["A"], state.a_shape())
+                _check_shape(name, "G", entry["G"], state.g_shape())
+                state.a = entry["A"].to(self._factor_dtype).clone()
+                state.g = entry["G"].to(self._factor_dtype).clone()
             state.decomposition = None
         self.steps = int(state_dict["steps"])
         self._health.update(state_dict.get("health", {}))
         self._capturing = self._is_factor_step(self.steps)
+        self._force_inverse = True
 
 
-def _cast(decomposition: curvature.Decomposition, dtype: torch.dtype) -> curvature.Decomposition:
-    """The decomposition with every tensor cast to ``dtype``."""
-    if isinstance(decomposition, curvature.InverseDecomposition):
-        return curvature.InverseDecomposition(decomposition.a_inv.to(dtype), decomposition.g_inv.to(dtype))
-    q_a = None if decomposition.q_a is None else decomposition.q_a.to(dtype)
-    return curvature.EigenDecomposition(
-        q_a, decomposition.l_a.to(dtype), decomposition.q_g.to(dtype), decomposition.l_g.to(dtype)
-    )
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _squeeze(factor: torch.Tensor | None) -> torch.Tensor:
@@ -393,12 +430,7 @@ def _squeeze(factor: torch.Tensor | None) -> torch.Tensor:
     return factor[0] if factor.shape[0] == 1 else factor
 
 
-def _check_shape(
-    name: str, which: str, tensor: torch.Tensor, expected: Callable[[], tuple[int, ...]]
-) -> None:
+def _check_shape(name: str, which: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
     """Refuse a loaded factor whose shape does not fit the module."""
-    shape = expected()
-    if tuple(tensor.shape) != shape:
-        raise ValueError(
-            f"state_dict factor {which} of {name} has shape {tuple(tensor.shape)}, expected {shape}"
-        )
+    if tuple(tensor.shape) != expected:
+        raise ValueError(f"state_dict factor {which} of {name} has shape {tuple(tensor.shape)}, expected {expected}")

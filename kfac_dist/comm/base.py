@@ -1,0 +1,285 @@
+"""The `Communicator` interface: every byte kfac-dist moves between ranks goes through it.
+
+A backend implements a handful of primitives (`_new_group`, `_allreduce`, ...). This base class does all that
+is the same for every backend, so that it lives in one place: group bookkeeping, argument checks, the shortcut
+for groups of size 1 (no collective at all), averaging on completion, and byte accounting.
+
+Groups are named by their rank tuple (global ranks, e.g. ``(0, 2)``); ``None`` means the whole world. Ranks in
+a group are canonicalised to increasing order, so ``(2, 0)`` and ``(0, 2)`` name the same group.
+
+Byte accounting (``n`` = bytes of the tensor passed in, ``g`` = group size), recorded on the calling rank
+under the ``category`` given to the call:
+
+========== =========================================== ===========================================
+operation  sent                                        received
+========== =========================================== ===========================================
+allreduce  ``n`` (0 if ``g == 1``)                     ``n`` (0 if ``g == 1``)
+reduce     ``n`` on every rank but dst, 0 on dst       ``n * (g - 1)`` on dst, 0 elsewhere
+broadcast  ``n * (g - 1)`` on src, 0 elsewhere         ``n`` on every rank but src, 0 on src
+allgather  ``n * (g - 1)``                             ``n * (g - 1)``
+========== =========================================== ===========================================
+
+`create_groups`, `check_same` and `barrier` are control operations and are not counted.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+import torch
+
+Group = tuple[int, ...]
+"""A process group, named by the global ranks it holds."""
+
+
+class Handle(ABC):
+    """An asynchronous operation in flight. Its result is valid only after `wait` returned."""
+
+    @abstractmethod
+    def wait(self) -> None:
+        """Block until the operation finished (on CUDA: until its result is ordered on the current stream)."""
+
+    @abstractmethod
+    def is_completed(self) -> bool:
+        """Whether the operation already finished, without blocking."""
+
+
+class CompletedHandle(Handle):
+    """The handle of an operation that had nothing to do (e.g. a group of one rank)."""
+
+    def wait(self) -> None:
+        """Return at once."""
+
+    def is_completed(self) -> bool:
+        """Always true."""
+        return True
+
+
+class PostprocessHandle(Handle):
+    """Wraps a backend handle and runs `finish` exactly once, right after the backend operation completed."""
+
+    def __init__(self, inner: Handle, finish: Callable[[], None]) -> None:
+        """Wrap `inner`; `finish` runs in the first `wait`."""
+        self._inner = inner
+        self._finish: Callable[[], None] | None = finish
+
+    def wait(self) -> None:
+        """Wait for the backend operation, then run the post-processing step (once)."""
+        self._inner.wait()
+        if self._finish is not None:
+            finish, self._finish = self._finish, None
+            finish()
+
+    def is_completed(self) -> bool:
+        """Whether the backend operation finished (the post-processing runs in `wait`)."""
+        return self._inner.is_completed()
+
+
+def canonical_group(ranks: Sequence[int]) -> Group:
+    """Return `ranks` as an increasing tuple, rejecting an empty group and repeated ranks."""
+    group = tuple(sorted(int(r) for r in ranks))
+    if not group:
+        raise ValueError("a group must hold at least one rank")
+    if len(set(group)) != len(group):
+        raise ValueError(f"group {tuple(ranks)} names a rank more than once")
+    return group
+
+
+class Communicator(ABC):
+    """Collectives with byte accounting, over a fixed set of ranks.
+
+    Every operation on a group must be called by every member of that group, in the same order on all of them.
+    Operations are asynchronous: they return a `Handle`, and the tensor holds the result once `Handle.wait`
+    returned. Tensors must be contiguous; results are written in place.
+    """
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        """Set up a communicator for global rank `rank` of `world_size` ranks."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+        self._rank = rank
+        self._world_size = world_size
+        self._known: set[Group] = {self.world}
+        self._stats: dict[str, dict[str, int]] = {}
+
+    @property
+    def rank(self) -> int:
+        """This process's global rank."""
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks."""
+        return self._world_size
+
+    @property
+    def world(self) -> Group:
+        """The group of all ranks."""
+        return tuple(range(self._world_size))
+
+    def create_groups(self, groups: Sequence[Sequence[int]]) -> None:
+        """Create the process groups that later operations name (collective over the whole world).
+
+        Every rank must call this with the same list in the same order, including ranks that are not members
+        of some of the groups. Groups that already exist (the world, groups created by an earlier call) and
+        groups of one rank (usable without being created) are skipped, so calling it again is fine.
+        """
+        for ranks in groups:
+            group = canonical_group(ranks)
+            if group[-1] >= self._world_size or group[0] < 0:
+                raise ValueError(f"group {group} has ranks outside a world of size {self._world_size}")
+            if len(group) > 1 and group not in self._known:
+                self._new_group(group)
+                self._known.add(group)
+
+    def allreduce(
+        self, tensor: torch.Tensor, group: Sequence[int] | None = None, *, average: bool, category: str
+    ) -> Handle:
+        """Sum (or average) `tensor` over `group`; every member holds the result after `wait`."""
+        key = self._member_group(group, tensor)
+        if len(key) == 1:
+            self._record(category, 0, 0)
+            return CompletedHandle()
+        n = _nbytes(tensor)
+        self._record(category, n, n)
+        return self._averaged(self._allreduce(tensor, key), tensor, len(key) if average else 1)
+
+    def reduce(
+        self,
+        tensor: torch.Tensor,
+        dst: int,
+        group: Sequence[int] | None = None,
+        *,
+        average: bool,
+        category: str,
+    ) -> Handle:
+        """Sum (or average) `tensor` over `group` into global rank `dst`.
+
+        Only `dst` holds the result after `wait`; the other ranks' tensors are left undefined.
+        """
+        key = self._member_group(group, tensor, root=dst)
+        n, others = _nbytes(tensor), len(key) - 1
+        self._record(category, 0 if self._rank == dst else n, n * others if self._rank == dst else 0)
+        if len(key) == 1:
+            return CompletedHandle()
+        divisor = len(key) if average and self._rank == dst else 1
+        return self._averaged(self._reduce(tensor, dst, key), tensor, divisor)
+
+    def broadcast(self, tensor: torch.Tensor, src: int, group: Sequence[int] | None = None, *, category: str) -> Handle:
+        """Copy `tensor` from rank `src` (a global rank) to every other member of `group`."""
+        key = self._member_group(group, tensor, root=src)
+        n, others = _nbytes(tensor), len(key) - 1
+        self._record(category, n * others if self._rank == src else 0, 0 if self._rank == src else n)
+        if len(key) == 1:
+            return CompletedHandle()
+        return self._broadcast(tensor, src, key)
+
+    def allgather(
+        self, tensor: torch.Tensor, group: Sequence[int] | None = None, *, category: str
+    ) -> tuple[Handle, torch.Tensor]:
+        """Gather `tensor` from every member of `group`.
+
+        Returns the handle and a new tensor of shape ``(len(group), *tensor.shape)`` whose row ``i`` holds the
+        tensor of the ``i``-th rank of the (increasing) group, valid after `wait`.
+        """
+        key = self._member_group(group, tensor)
+        n = _nbytes(tensor) * (len(key) - 1)
+        self._record(category, n, n)
+        if len(key) == 1:
+            return CompletedHandle(), tensor.unsqueeze(0).clone()
+        out = tensor.new_empty((len(key), *tensor.shape))
+        return self._allgather(tensor, out, key), out
+
+    def check_same(self, obj_digest: str, what: str) -> None:
+        """Check that every rank passed the same `obj_digest` (collective over the whole world).
+
+        Raises `RuntimeError` on every rank if any rank's digest differs from rank 0's, naming those ranks,
+        e.g. ``rank 2 has a different plan fingerprint than rank 0: 'ab12' != 'cd34'``.
+        """
+        digests = self._gather_strings(obj_digest)
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        if len(bad) == 1:
+            raise RuntimeError(
+                f"rank {bad[0]} has a different {what} than rank 0: {digests[bad[0]]!r} != {digests[0]!r}"
+            )
+        if bad:
+            details = "; ".join(f"rank {r}: {digests[r]!r}" for r in [*bad, 0])
+            raise RuntimeError(f"ranks {', '.join(map(str, bad))} have a different {what} than rank 0: {details}")
+
+    def gather_strings(self, value: str) -> list[str]:
+        """Gather one string from every rank (collective over the whole world, blocking), indexed by rank."""
+        return self._gather_strings(value)
+
+    def barrier(self) -> None:
+        """Block until every rank reached this call."""
+        self._barrier()
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Bytes moved by this rank since `reset_stats`: ``{category: {"sent": .., "received": ..}}``."""
+        return {cat: dict(counts) for cat, counts in self._stats.items()}
+
+    def reset_stats(self) -> None:
+        """Forget all byte counts."""
+        self._stats.clear()
+
+    def _record(self, category: str, sent: int, received: int) -> None:
+        counts = self._stats.setdefault(category, {"sent": 0, "received": 0})
+        counts["sent"] += sent
+        counts["received"] += received
+
+    def _member_group(self, group: Sequence[int] | None, tensor: torch.Tensor, root: int | None = None) -> Group:
+        key = self.world if group is None else canonical_group(group)
+        if self._rank not in key:
+            raise ValueError(f"rank {self._rank} is not a member of group {key}")
+        if len(key) > 1 and key not in self._known:
+            raise ValueError(f"group {key} was not created; call create_groups() on every rank first")
+        if root is not None and root not in key:
+            raise ValueError(f"root rank {root} is not a member of group {key}")
+        if not tensor.is_contiguous():
+            raise ValueError("collectives need a contiguous tensor")
+        return key
+
+    @staticmethod
+    def _averaged(handle: Handle, tensor: torch.Tensor, divisor: int) -> Handle:
+        # Reductions always SUM and divide on completion: ReduceOp.AVG is not available on every backend and
+        # torch version kfac-dist supports (gloo gained it late), and dividing in `wait` keeps the call async.
+        if divisor == 1:
+            return handle
+
+        def finish() -> None:
+            tensor.div_(divisor)
+
+        return PostprocessHandle(handle, finish)
+
+    @abstractmethod
+    def _new_group(self, group: Group) -> None:
+        """Create the backend group for `group` (size > 1, not the world); called on every rank."""
+
+    @abstractmethod
+    def _allreduce(self, tensor: torch.Tensor, group: Group) -> Handle:
+        """Start an in-place SUM allreduce over `group` (size > 1)."""
+
+    @abstractmethod
+    def _reduce(self, tensor: torch.Tensor, dst: int, group: Group) -> Handle:
+        """Start an in-place SUM reduce into global rank `dst` over `group` (size > 1)."""
+
+    @abstractmethod
+    def _broadcast(self, tensor: torch.Tensor, src: int, group: Group) -> Handle:
+        """Start an in-place broadcast from global rank `src` over `group` (size > 1)."""
+
+    @abstractmethod
+    def _allgather(self, tensor: torch.Tensor, out: torch.Tensor, group: Group) -> Handle:
+        """Start gathering `tensor` of every member of `group` (size > 1) into the rows of `out`."""
+
+    @abstractmethod
+    def _gather_strings(self, value: str) -> list[str]:
+        """Gather one string per rank over the whole world (blocking), indexed by rank."""
+
+    @abstractmethod
+    def _barrier(self) -> None:
+        """Block until every rank of the world reached the barrier."""
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

@@ -1,0 +1,214 @@
+"""The three exchanges of a distributed K-FAC step, laid out once from the :class:`~kfac_dist.placement.Plan`.
+
+1. factor reduction (factor steps): every rank's normalised batch factors of every layer are averaged into the
+   layer's owner (``factor_comm="owner"``, a fused reduce per owner) or into every rank (``"allreduce"``,
+   KAISA's scheme). Entries are laid out in reverse registration order, the order backward finishes layers in,
+   so a bucket is launched from a backward hook as soon as its last layer is ready.
+2. decomposition broadcast (inverse steps): each owner broadcasts its layers' decompositions inside their
+   grad-worker groups (only when a layer has more than one grad worker).
+3. gradient broadcast (every step): each grad worker broadcasts the preconditioned gradients it computed to the
+   ranks the plan assigns it (only when a layer has fewer grad workers than ranks).
+
+Every collective is fused (``bucket_cap_mb``) and symmetric tensors travel as upper triangles
+(``symmetric_comm``). This module moves tensors; it does no K-FAC math and knows no module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kfac_dist.comm import CollectiveOp, Communicator, FusionEntry, FusionPlan, FusionStep, Target
+from kfac_dist.curvature import Decomposition, EigenDecomposition, InverseDecomposition
+from kfac_dist.placement import LayerShape, Plan
+
+FACTOR_REDUCE = "factor_reduce"
+DECOMPOSITION_BROADCAST = "decomposition_broadcast"
+GRADIENT_BROADCAST = "gradient_broadcast"
+
+
+@dataclass(frozen=True)
+class ExchangeOptions:
+    """How bytes move: factor scheme, packing, bucket size and the dtypes on the wire."""
+
+    factor_comm: str
+    symmetric_comm: bool
+    bucket_cap_mb: float
+    compute_method: str
+    factor_dtype: torch.dtype
+    inv_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    device: torch.device
+
+
+def _a_shape(shape: LayerShape) -> tuple[int, ...]:
+    if shape.a_diagonal:
+        return (shape.blocks, shape.a_side)
+    return (shape.blocks, shape.a_side, shape.a_side)
+
+
+def _g_shape(shape: LayerShape) -> tuple[int, ...]:
+    return (shape.blocks, shape.g_side, shape.g_side)
+
+
+def _decomposition_entries(shape: LayerShape, method: str) -> list[tuple[str, tuple[int, ...], bool]]:
+    """(field, shape, symmetric) of each tensor of a layer's decomposition, in a fixed order."""
+    b, n, m = shape.blocks, shape.a_side, shape.g_side
+    if method == "eigen":
+        fields = [] if shape.a_diagonal else [("q_a", (b, n, n), False)]
+        return [*fields, ("l_a", (b, n), False), ("q_g", (b, m, m), False), ("l_g", (b, m), False)]
+    return [("a_inv", _a_shape(shape), not shape.a_diagonal), ("g_inv", _g_shape(shape), True)]
+
+
+class Exchange:
+    """Fused, plan-driven communication of one rank.
+
+    Args:
+        plan: the placement every rank holds.
+        shapes: the layers' shapes, in registration order.
+        grad_shapes: each layer's gradient matrix shape ``(b, m, n)``.
+        comm: the communicator (its groups must include ``plan.groups()``).
+        options: see :class:`ExchangeOptions`.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        shapes: Sequence[LayerShape],
+        grad_shapes: Mapping[str, tuple[int, ...]],
+        comm: Communicator,
+        options: ExchangeOptions,
+    ) -> None:
+        self.plan = plan
+        self.comm = comm
+        self.options = options
+        self._shapes = {s.name: s for s in shapes}
+        self._grad_shapes = dict(grad_shapes)
+        self._factor_plan = self._build_factor_plan(shapes)
+        self._decomposition_plan = self._build_decomposition_plan(shapes)
+        self._gradient_plan = self._build_gradient_plan(shapes)
+        self._factor_step: FusionStep | None = None
+
+    # ------------------------------------------------------------------------------------------- layouts
+    def _build_factor_plan(self, shapes: Sequence[LayerShape]) -> FusionPlan:
+        entries = []
+        for shape in reversed(shapes):
+            owner = self.plan.layer(shape.name).owner
+            if self.options.factor_comm == "owner":
+                target = Target(CollectiveOp.REDUCE, self.comm.world, root=owner, average=True)
+            else:
+                target = Target(CollectiveOp.ALLREDUCE, self.comm.world, average=True)
+            entries.append(FusionEntry(f"{shape.name}/A", _a_shape(shape), target, symmetric=not shape.a_diagonal))
+            entries.append(FusionEntry(f"{shape.name}/G", _g_shape(shape), target, symmetric=True))
+        return self._fusion(entries, self.options.factor_dtype)
+
+    def _build_decomposition_plan(self, shapes: Sequence[LayerShape]) -> FusionPlan:
+        entries = []
+        for shape in shapes:
+            layer = self.plan.layer(shape.name)
+            if len(layer.grad_workers) == 1:
+                continue
+            target = Target(CollectiveOp.BROADCAST, layer.grad_workers, root=layer.owner)
+            for field, tensor_shape, symmetric in _decomposition_entries(shape, self.options.compute_method):
+                entries.append(FusionEntry(f"{shape.name}/{field}", tensor_shape, target, symmetric=symmetric))
+        return self._fusion(entries, self.options.inv_dtype)
+
+    def _build_gradient_plan(self, shapes: Sequence[LayerShape]) -> FusionPlan:
+        entries = []
+        for shape in shapes:
+            for src, receivers in self.plan.layer(shape.name).grad_broadcasts:
+                target = Target(CollectiveOp.BROADCAST, (src, *receivers), root=src)
+                entries.append(FusionEntry(f"{shape.name}@{src}", self._grad_shapes[shape.name], target))
+        return self._fusion(entries, self.options.grad_dtype)
+
+    def _fusion(self, entries: list[FusionEntry], dtype: torch.dtype) -> FusionPlan:
+        return FusionPlan.build(
+            entries,
+            bucket_cap_mb=self.options.bucket_cap_mb,
+            dtype=dtype,
+            symmetric_comm=self.options.symmetric_comm,
+        )
+
+    def _step(self, plan: FusionPlan, category: str) -> FusionStep:
+        return FusionStep(plan, self.comm, category=category, device=self.options.device)
+
+    # ------------------------------------------------------------------------------------------- factors
+    def keeps_factors(self, name: str) -> bool:
+        """Whether this rank keeps the running factors of ``name``."""
+        return self.options.factor_comm == "allreduce" or self.plan.layer(name).owner == self.comm.rank
+
+    def add_factors(self, name: str, a: torch.Tensor, g: torch.Tensor) -> None:
+        """Hand over one layer's final batch factors of this factor step (launches ready buckets)."""
+        if self._factor_step is None:
+            self._factor_step = self._step(self._factor_plan, FACTOR_REDUCE)
+        self._factor_step.add(f"{name}/A", a)
+        self._factor_step.add(f"{name}/G", g)
+
+    def reduce_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Finish the factor reduction; the averaged batch factors of the layers this rank keeps."""
+        step = self._factor_step or self._step(self._factor_plan, FACTOR_REDUCE)
+        self._factor_step = None
+        step.flush()
+        results = step.wait()
+        return {name: (results[f"{name}/A"], results[f"{name}/G"]) for name in self._shapes if self.keeps_factors(name)}
+
+    # ------------------------------------------------------------------------------------------- decompositions
+    def share_decompositions(self, owned: Mapping[str, Decomposition | None]) -> dict[str, Decomposition | None]:
+        """Broadcast owners' decompositions to grad workers; every layer this rank works on, by name.
+
+        An owner without a decomposition sends zeros, which arrive as None (a valid decomposition never has
+        an all-zero eigenbasis or inverse).
+        """
+        step = self._step(self._decomposition_plan, DECOMPOSITION_BROADCAST)
+        for name, decomposition in owned.items():
+            if decomposition is None or len(self.plan.layer(name).grad_workers) == 1:
+                continue
+            fields = _decomposition_entries(self._shapes[name], self.options.compute_method)
+            for (field, _, _), tensor in zip(fields, decomposition.tensors(), strict=True):
+                step.add(f"{name}/{field}", tensor)
+        step.flush()
+        results = step.wait()
+        shared: dict[str, Decomposition | None] = {}
+        for name in self.plan.layers_worked_by(self.comm.rank):
+            if self.plan.layer(name).owner == self.comm.rank or len(self.plan.layer(name).grad_workers) == 1:
+                shared[name] = owned.get(name)
+            else:
+                shared[name] = self._assemble(name, results)
+        return shared
+
+    def _assemble(self, name: str, results: Mapping[str, torch.Tensor]) -> Decomposition | None:
+        def get(field: str) -> torch.Tensor:
+            return results[f"{name}/{field}"].clone()
+
+        if self.options.compute_method == "eigen":
+            q_g = get("q_g")
+            if not bool(q_g.any()):
+                return None
+            q_a = None if self._shapes[name].a_diagonal else get("q_a")
+            return EigenDecomposition(q_a=q_a, l_a=get("l_a"), q_g=q_g, l_g=get("l_g"))
+        g_inv = get("g_inv")
+        if not bool(g_inv.any()):
+            return None
+        return InverseDecomposition(a_inv=get("a_inv"), g_inv=g_inv)
+
+    # ------------------------------------------------------------------------------------------- gradients
+    def share_gradients(self, computed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Broadcast preconditioned gradients from grad workers; those this rank received, by layer name.
+
+        A worker that has no preconditioned gradient for a layer sends zeros (see ``KFACPreconditioner``).
+        """
+        step = self._step(self._gradient_plan, GRADIENT_BROADCAST)
+        for name, matrix in computed.items():
+            for src, _ in self.plan.layer(name).grad_broadcasts:
+                if src == self.comm.rank:
+                    step.add(f"{name}@{src}", matrix)
+        step.flush()
+        results = step.wait()
+        received = {}
+        for name in self._shapes:
+            for src, receivers in self.plan.layer(name).grad_broadcasts:
+                if self.comm.rank in receivers:
+                    received[name] = results[f"{name}@{src}"].clone()
+        return received
