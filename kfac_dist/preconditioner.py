@@ -262,7 +262,8 @@ class KFACPreconditioner:
         reduced = self._exchange.reduce_factors()
         decay = resolve("factor_decay", self.factor_decay, step)
         ready = [(self._states[name], a, g) for name, (a, g) in reduced.items() if self._states[name].sent]
-        finite = torch.stack([torch.isfinite(a).all() & torch.isfinite(g).all() for _, a, g in ready]).tolist()
+        flags = [torch.isfinite(a).all() & torch.isfinite(g).all() for _, a, g in ready]
+        finite = torch.stack(flags).tolist() if flags else []
         for (state, a, g), ok in zip(ready, finite, strict=True):
             if not ok:
                 self._count(state, "nonfinite_factor_skipped", "a batch factor is not finite; kept the last average")
