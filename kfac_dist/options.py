@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -60,7 +61,12 @@ def check_value(option: str, value: object, step: int | None = None) -> float:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value, is_number = value.item(), True
-    if not is_number or not allowed.contains(float(value)) or (allowed.integer and float(value) != int(value)):
+    if (
+        not is_number
+        or not isinstance(value, (int, float))
+        or not allowed.contains(float(value))
+        or (allowed.integer and float(value) != int(value))
+    ):
         raise ValueError(f"{option} must be {allowed.describe()}; got {value!r}{where}")
     return int(value) if allowed.integer else float(value)
 
@@ -68,9 +74,9 @@ def check_value(option: str, value: object, step: int | None = None) -> float:
 def check_hyper(option: str, value: object) -> Hyper:
     """Validate a hyperparameter that may be a constant or a callable of the step."""
     if callable(value):
-        return value  # type: ignore[return-value]
+        return value
     check_value(option, value)
-    return value  # type: ignore[return-value]
+    return cast(Hyper, value)  # a valid number (or one-element tensor), returned as given
 
 
 def resolve(option: str, value: Hyper, step: int) -> float:
@@ -94,7 +100,7 @@ def check_dtype(option: str, value: object, allowed: tuple[torch.dtype, ...], al
     if value not in allowed:
         names = ", ".join(str(d) for d in allowed) + (" or None" if allow_none else "")
         raise ValueError(f"{option} must be one of {names}; got {value!r}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def check_patterns(option: str, value: object) -> tuple[str, ...]:
@@ -102,12 +108,12 @@ def check_patterns(option: str, value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
     try:
-        patterns = tuple(value)  # type: ignore[call-overload]
+        patterns = tuple(cast(Iterable[object], value))  # a non-iterable raises the TypeError caught below
     except TypeError:
         raise ValueError(f"{option} must be a string or a sequence of strings; got {value!r}") from None
     if not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"{option} must be a string or a sequence of strings; got {value!r}")
-    return patterns
+    return cast(tuple[str, ...], patterns)
 
 
 def check_flag(option: str, value: object) -> bool:

@@ -13,6 +13,7 @@ Shapes (``b`` = number of independent blocks, e.g. convolution groups):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import cast
 
 import torch
 from torch import nn
@@ -60,9 +61,9 @@ class KFACLayer(ABC):
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters whose gradients this layer preconditions (weight, then bias)."""
-        params = [self.module.weight]
+        params = [cast(nn.Parameter, self.module.weight)]
         if self.has_bias:
-            params.append(self.module.bias)
+            params.append(cast(nn.Parameter, self.module.bias))
         return params
 
     @abstractmethod
@@ -113,7 +114,7 @@ def append_ones(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows, ones], dim=-1)
 
 
-def copy_grad(param: nn.Parameter, value: torch.Tensor) -> None:
+def copy_grad(param: torch.Tensor, value: torch.Tensor) -> None:
     """Overwrite ``param.grad`` in place (keeps DDP's gradient bucket views intact)."""
     assert param.grad is not None
     param.grad.copy_(value.reshape(param.grad.shape))

@@ -92,6 +92,7 @@ class ConvLayer(KFACLayer):
         assert weight_grad is not None
         matrix = weight_grad.reshape(self.blocks, self.g_side, self._patch_size)
         if self.has_bias:
+            assert self.module.bias is not None
             bias_grad = self.module.bias.grad
             assert bias_grad is not None
             matrix = torch.cat([matrix, bias_grad.reshape(self.blocks, self.g_side, 1)], dim=2)
@@ -102,4 +103,5 @@ class ConvLayer(KFACLayer):
         weight, bias = self._split_bias(matrix)
         copy_grad(self.module.weight, weight)
         if bias is not None:
+            assert self.module.bias is not None
             copy_grad(self.module.bias, bias)
