@@ -1,0 +1,21 @@
+"""Test-session rules: under KFAC_DIST_STRICT=1 (set by .ci/run) a skipped test is a failure."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+
+import pytest
+
+STRICT = os.environ.get("KFAC_DIST_STRICT") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, None, None]:
+    """Turn a skip into a failure in strict mode: in CI a missing component must not pass silently."""
+    outcome = yield
+    report = outcome.get_result()
+    if STRICT and report.skipped:
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"KFAC_DIST_STRICT=1: skipped tests fail ({reason})"
