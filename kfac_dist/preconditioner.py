@@ -117,7 +117,9 @@ class KFACPreconditioner:
         self.grad_scaler = grad_scaler
         floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
         chosen_factor_dtype = check_dtype("factor_dtype", factor_dtype, floats, allow_none=True)
-        self.inv_dtype = check_dtype("inv_dtype", inv_dtype, (torch.float32, torch.float64), allow_none=False)
+        checked_inv_dtype = check_dtype("inv_dtype", inv_dtype, (torch.float32, torch.float64), allow_none=False)
+        assert checked_inv_dtype is not None
+        self.inv_dtype: torch.dtype = checked_inv_dtype
         self.skip_layers = check_patterns("skip_layers", skip_layers)
         factor_comm = check_choice("factor_comm", factor_comm, FACTOR_COMMS)
         symmetric_comm = check_flag("symmetric_comm", symmetric_comm)
@@ -144,7 +146,7 @@ class KFACPreconditioner:
             factor_dtype=self._factor_dtype,
             inv_dtype=self.inv_dtype,
             grad_dtype=self._grad_dtype,
-            device=next(iter(self._states.values())).layer.module.weight.device,
+            device=next(iter(self._states.values())).layer.parameters()[0].device,
         )
         grad_shapes = {name: state.grad_shape() for name, state in self._states.items()}
         self._exchange = Exchange(self._plan, shapes, grad_shapes, self.comm, options)

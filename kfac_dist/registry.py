@@ -96,7 +96,7 @@ def register_layers(model: nn.Module, skip_layers: tuple[str, ...]) -> tuple[dic
 
 def common_dtype(states: dict[str, LayerState], option: str) -> torch.dtype:
     """The one dtype of every preconditioned weight (collectives are fused per dtype)."""
-    dtypes = {s.layer.module.weight.dtype for s in states.values()}
+    dtypes = {s.layer.parameters()[0].dtype for s in states.values()}
     if len(dtypes) != 1:
         raise ValueError(f"{option}: preconditioned layers have mixed weight dtypes {sorted(map(str, dtypes))}")
     return dtypes.pop()

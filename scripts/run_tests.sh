@@ -7,4 +7,5 @@ cd "$ROOT"
 
 bash scripts/setup.sh
 .venv/bin/ruff check .
+.venv/bin/mypy kfac_dist launch
 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q "$@"
