@@ -27,6 +27,7 @@ from kfac_dist.placement import LayerShape, Plan
 FACTOR_REDUCE = "factor_reduce"
 DECOMPOSITION_BROADCAST = "decomposition_broadcast"
 GRADIENT_BROADCAST = "gradient_broadcast"
+STATE_GATHER = "state_gather"
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ class Exchange:
         self._factor_plan = self._build_factor_plan(shapes)
         self._decomposition_plan = self._build_decomposition_plan(shapes)
         self._gradient_plan = self._build_gradient_plan(shapes)
+        self._state_plan = self._build_state_plan(shapes)
+        self._decomposition_state_plan = self._build_decomposition_state_plan(shapes)
         self._factor_step: FusionStep | None = None
 
     # ------------------------------------------------------------------------------------------- layouts
@@ -123,6 +126,23 @@ class Exchange:
                 entries.append(FusionEntry(f"{shape.name}@{src}", self._grad_shapes[shape.name], target))
         return self._fusion(entries, self.options.grad_dtype)
 
+    def _build_state_plan(self, shapes: Sequence[LayerShape]) -> FusionPlan:
+        target = Target(CollectiveOp.ALLREDUCE, self.comm.world)
+        entries = []
+        for shape in shapes:
+            entries.append(FusionEntry(f"{shape.name}/A", _a_shape(shape), target, symmetric=not shape.a_diagonal))
+            entries.append(FusionEntry(f"{shape.name}/G", _g_shape(shape), target, symmetric=True))
+        return self._fusion(entries, self.options.factor_dtype)
+
+    def _build_decomposition_state_plan(self, shapes: Sequence[LayerShape]) -> FusionPlan:
+        target = Target(CollectiveOp.ALLREDUCE, self.comm.world)
+        entries = [
+            FusionEntry(f"{shape.name}/{field}", tensor_shape, target, symmetric=symmetric)
+            for shape in shapes
+            for field, tensor_shape, symmetric in _decomposition_entries(shape, self.options.compute_method)
+        ]
+        return self._fusion(entries, self.options.inv_dtype)
+
     def _fusion(self, entries: list[FusionEntry], dtype: torch.dtype) -> FusionPlan:
         return FusionPlan.build(
             entries,
@@ -153,6 +173,51 @@ class Exchange:
         step.flush()
         results = step.wait()
         return {name: (results[f"{name}/A"], results[f"{name}/G"]) for name in self._shapes if self.keeps_factors(name)}
+
+    def gather_factors(
+        self, kept: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's running factors, on every rank (collective): each owner contributes its own.
+
+        Layers whose owner has no factors yet are left out (their G arrives all zero, which a factor never is).
+        """
+        step = self._step(self._state_plan, STATE_GATHER)
+        for name, (a, g) in kept.items():
+            if self.plan.layer(name).owner == self.comm.rank:
+                step.add(f"{name}/A", a)
+                step.add(f"{name}/G", g)
+        step.flush()
+        results = step.wait()
+        gathered = {name: (results[f"{name}/A"].clone(), results[f"{name}/G"].clone()) for name in self._shapes}
+        return {name: (a, g) for name, (a, g) in gathered.items() if bool(g.any())}
+
+    def gather_decompositions(self, owned: Mapping[str, Decomposition | None]) -> dict[str, dict[str, torch.Tensor]]:
+        """Every layer's decomposition as ``{field: tensor}``, on every rank (collective, from the owners)."""
+        step = self._step(self._decomposition_state_plan, STATE_GATHER)
+        for name, decomposition in owned.items():
+            if decomposition is not None and self.plan.layer(name).owner == self.comm.rank:
+                fields = _decomposition_entries(self._shapes[name], self.options.compute_method)
+                for (field, _, _), tensor in zip(fields, decomposition.tensors(), strict=True):
+                    step.add(f"{name}/{field}", tensor)
+        step.flush()
+        results = step.wait()
+        gathered = {}
+        for name in self._shapes:
+            decomposition = self._assemble(name, results)
+            if decomposition is not None:
+                fields = _decomposition_entries(self._shapes[name], self.options.compute_method)
+                gathered[name] = {f: t for (f, _, _), t in zip(fields, decomposition.tensors(), strict=True)}
+        return gathered
+
+    def decomposition_from_fields(self, name: str, fields: Mapping[str, torch.Tensor]) -> Decomposition | None:
+        """Rebuild a decomposition saved by :meth:`gather_decompositions`; None if it does not fit this run."""
+        expected = _decomposition_entries(self._shapes[name], self.options.compute_method)
+        if {f for f, _, _ in expected} != set(fields) or any(
+            tuple(fields[f].shape) != shape for f, shape, _ in expected
+        ):
+            return None
+        cast = {f: fields[f].to(self.options.inv_dtype) for f, _, _ in expected}
+        return self._assemble(name, {f"{name}/{f}": t for f, t in cast.items()})
 
     # ------------------------------------------------------------------------------------------- decompositions
     def share_decompositions(self, owned: Mapping[str, Decomposition | None]) -> dict[str, Decomposition | None]:

@@ -339,6 +339,10 @@ class KFACPreconditioner:
                 result = torch.where((received[state.name] == 0).all(), grad, result)
             state.layer.set_grad_matrix(result)
 
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (collective), so every rank takes the same branch."""
+        return any(text == "1" for text in self.comm.gather_strings("1" if flag else "0"))
+
     def _count(self, state: LayerState, counter: str, message: str) -> None:
         """Count a numerical fallback and log it once per layer and kind."""
         self._health[counter] += 1
@@ -392,35 +396,56 @@ class KFACPreconditioner:
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Steps and the running-average factors this rank keeps (decompositions are recomputed on load)."""
+        """Steps and every layer's running factors, independent of the placement.
+
+        Collective: every rank calls it and gets the same factors, gathered from their owners, so a run can resume
+        on any number of ranks. Decompositions are not stored; their new owners recompute them after loading.
+        """
+        kept = {name: (s.a, s.g) for name, s in self._states.items() if s.a is not None and s.g is not None}
+        factors = self._exchange.gather_factors(kept)
+        owned = {name: self._states[name].decomposition for name in self._plan.layers_owned_by(self.comm.rank)}
         return {
             "steps": self.steps,
-            "factors": {
-                name: {"A": s.a, "G": s.g} for name, s in self._states.items() if s.a is not None and s.g is not None
-            },
+            "factors": {name: {"A": a, "G": g} for name, (a, g) in factors.items()},
+            "compute_method": self.compute_method,
+            "decompositions": self._exchange.gather_decompositions(owned),
             "health": dict(self._health),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; decompositions are recomputed at the next step."""
+        """Restore :meth:`state_dict`, saved on any number of ranks.
+
+        Each rank keeps the factors of the layers it owns and the decompositions of the layers it works on, so the
+        run continues exactly as it would have. Decompositions that are missing or do not fit (another
+        ``compute_method``) are recomputed by their new owners at the next step.
+        """
         factors = state_dict["factors"]
         unknown = sorted(set(factors) - set(self._states))
         if unknown:
             raise ValueError(f"state_dict holds factors of modules this preconditioner does not have: {unknown}")
         for name, state in self._states.items():
-            entry = factors.get(name) if self._exchange.keeps_factors(name) else None
-            if entry is None:
-                state.a = state.g = None
-            else:
+            entry = factors.get(name)
+            if entry is not None:
                 _check_shape(name, "A", entry["A"], state.a_shape())
                 _check_shape(name, "G", entry["G"], state.g_shape())
+            if entry is None or not self._exchange.keeps_factors(name):
+                state.a = state.g = None
+            else:
                 state.a = entry["A"].to(self._factor_dtype).clone()
                 state.g = entry["G"].to(self._factor_dtype).clone()
+        saved = state_dict.get("decompositions", {}) if state_dict.get("compute_method") == self.compute_method else {}
+        worked = set(self._plan.layers_worked_by(self.comm.rank))
+        missing = False
+        for name, state in self._states.items():
+            fields = saved.get(name)
             state.decomposition = None
+            if name in worked and fields is not None:
+                state.decomposition = self._exchange.decomposition_from_fields(name, fields)
+            missing |= name in worked and state.decomposition is None and name in factors
         self.steps = int(state_dict["steps"])
         self._health.update(state_dict.get("health", {}))
         self._capturing = self._is_factor_step(self.steps)
-        self._force_inverse = True
+        self._force_inverse = self._any_rank(missing)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
