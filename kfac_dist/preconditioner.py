@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from functools import partial
 from typing import Any
@@ -14,6 +13,7 @@ from torch import nn
 from kfac_dist import curvature
 from kfac_dist.comm import Communicator, LocalCommunicator, TorchDistCommunicator
 from kfac_dist.exchange import Exchange, ExchangeOptions
+from kfac_dist.health import Health
 from kfac_dist.options import (
     COMPUTE_METHODS,
     FACTOR_COMMS,
@@ -28,9 +28,7 @@ from kfac_dist.options import (
 )
 from kfac_dist.placement import Plan, build_plan, resolve_grad_worker_fraction
 from kfac_dist.registry import LayerState, common_dtype, describe_shapes, register_layers, unwrap
-from kfac_dist.report import HEALTH_COUNTERS, Report
-
-logger = logging.getLogger("kfac_dist")
+from kfac_dist.report import Report
 
 #: Default damping, in kfac-dist's factor scale (docs/conventions.md); chosen by measurement (docs/defaults.md).
 DEFAULT_DAMPING = 1.0
@@ -157,7 +155,7 @@ class KFACPreconditioner:
         self._force_inverse = False
         self._buffer_bytes = 0
         self._last_buffer_bytes = 0
-        self._health = dict.fromkeys(HEALTH_COUNTERS, 0)
+        self._health = Health()
         self._handles = [self.model.register_forward_pre_hook(self._count_forward_pass)]
         self._handles += [
             state.layer.module.register_forward_hook(partial(self._capture_input, state))
@@ -268,7 +266,9 @@ class KFACPreconditioner:
         finite = torch.stack(flags).tolist() if flags else []
         for (state, a, g), ok in zip(ready, finite, strict=True):
             if not ok:
-                self._count(state, "nonfinite_factor_skipped", "a batch factor is not finite; kept the last average")
+                self._health.count(
+                    state, "nonfinite_factor_skipped", "a batch factor is not finite; kept the last average"
+                )
                 continue
             state.a = curvature.running_average(state.a, a, decay)
             state.g = curvature.running_average(state.g, g, decay)
@@ -284,31 +284,12 @@ class KFACPreconditioner:
         for name in self._plan.layers_owned_by(self.comm.rank):
             state = self._states[name]
             if state.a is not None and state.g is not None:
-                state.decomposition = self._decompose(state, state.a, state.g, damping)
+                state.decomposition = self._health.decompose(
+                    state, method=self.compute_method, damping=damping, dtype=self.inv_dtype
+                )
             owned[name] = state.decomposition
         for name, decomposition in self._exchange.share_decompositions(owned).items():
             self._states[name].decomposition = decomposition
-
-    def _decompose(
-        self, state: LayerState, a: torch.Tensor, g: torch.Tensor, damping: float
-    ) -> curvature.Decomposition | None:
-        """Decompose in inv_dtype; retry in float64; else keep the previous decomposition."""
-        dtypes = [self.inv_dtype] + ([torch.float64] if self.inv_dtype != torch.float64 else [])
-        for attempt, dtype in enumerate(dtypes):
-            try:
-                result = curvature.decompose(
-                    a, g, a_diagonal=state.layer.a_diagonal, method=self.compute_method, damping=damping, dtype=dtype
-                )
-            except curvature.DecompositionError as error:
-                if attempt + 1 < len(dtypes):
-                    self._count(state, "decomposition_retried_float64", f"{error}; retrying in float64")
-                continue
-            return result if dtype == self.inv_dtype else curvature.cast(result, self.inv_dtype)
-        if state.decomposition is not None:
-            self._count(state, "decomposition_kept_previous", "decomposition failed; kept the previous one")
-        else:
-            self._count(state, "decomposition_unavailable", "decomposition failed; gradient left as it is")
-        return state.decomposition
 
     def _precondition(self, damping: float, step: int) -> None:
         """Grad workers precondition, the others receive; then KL-clip and write every ``.grad``."""
@@ -342,13 +323,6 @@ class KFACPreconditioner:
     def _any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank (collective), so every rank takes the same branch."""
         return any(text == "1" for text in self.comm.gather_strings("1" if flag else "0"))
-
-    def _count(self, state: LayerState, counter: str, message: str) -> None:
-        """Count a numerical fallback and log it once per layer and kind."""
-        self._health[counter] += 1
-        if counter not in state.logged:
-            state.logged.add(counter)
-            logger.warning("kfac_dist: layer %s: %s (further occurrences are only counted)", state.name, message)
 
     # ----------------------------------------------------------------------------------------------- inspection
     def plan(self) -> Plan:
@@ -392,7 +366,7 @@ class KFACPreconditioner:
 
     def health(self) -> dict[str, int]:
         """Counters of numerical fallbacks on this rank since construction."""
-        return dict(self._health)
+        return dict(self._health.counters)
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -409,7 +383,7 @@ class KFACPreconditioner:
             "factors": {name: {"A": a, "G": g} for name, (a, g) in factors.items()},
             "compute_method": self.compute_method,
             "decompositions": self._exchange.gather_decompositions(owned),
-            "health": dict(self._health),
+            "health": dict(self._health.counters),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -443,7 +417,7 @@ class KFACPreconditioner:
                 state.decomposition = self._exchange.decomposition_from_fields(name, fields)
             missing |= name in worked and state.decomposition is None and name in factors
         self.steps = int(state_dict["steps"])
-        self._health.update(state_dict.get("health", {}))
+        self._health.counters.update(state_dict.get("health", {}))
         self._capturing = self._is_factor_step(self.steps)
         self._force_inverse = self._any_rank(missing)
 

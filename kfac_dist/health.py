@@ -1,0 +1,54 @@
+"""Numerical fallbacks: counted per kind, logged once per layer and kind, and the decomposition retry ladder."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kfac_dist import curvature
+from kfac_dist.registry import LayerState
+from kfac_dist.report import HEALTH_COUNTERS
+
+logger = logging.getLogger("kfac_dist")
+
+
+class Health:
+    """Counters of numerical fallbacks (see ``HEALTH_COUNTERS``)."""
+
+    def __init__(self) -> None:
+        self.counters = dict.fromkeys(HEALTH_COUNTERS, 0)
+
+    def count(self, state: LayerState, counter: str, message: str) -> None:
+        """Count a fallback and log it the first time it happens to this layer."""
+        self.counters[counter] += 1
+        if counter not in state.logged:
+            state.logged.add(counter)
+            logger.warning("kfac_dist: layer %s: %s (further occurrences are only counted)", state.name, message)
+
+    def decompose(
+        self, state: LayerState, *, method: str, damping: float, dtype: torch.dtype
+    ) -> curvature.Decomposition | None:
+        """Decompose the layer's factors in ``dtype``; retry in float64; else keep the previous decomposition."""
+        assert state.a is not None and state.g is not None
+        dtypes = [dtype] + ([torch.float64] if dtype != torch.float64 else [])
+        for attempt, attempt_dtype in enumerate(dtypes):
+            try:
+                result = curvature.decompose(
+                    state.a,
+                    state.g,
+                    a_diagonal=state.layer.a_diagonal,
+                    method=method,
+                    damping=damping,
+                    dtype=attempt_dtype,
+                )
+            except curvature.DecompositionError as error:
+                if attempt + 1 < len(dtypes):
+                    self.count(state, "decomposition_retried_float64", f"{error}; retrying in float64")
+                continue
+            return result if attempt_dtype == dtype else curvature.cast(result, dtype)
+        if state.decomposition is not None:
+            self.count(state, "decomposition_kept_previous", "decomposition failed; kept the previous one")
+        else:
+            self.count(state, "decomposition_unavailable", "decomposition failed; gradient left as it is")
+        return state.decomposition
