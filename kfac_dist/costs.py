@@ -58,9 +58,7 @@ def factor_comm_numel(shape: LayerShape, *, symmetric_comm: bool = True) -> int:
     return shape.blocks * (a + _tri(shape.g_side, symmetric_comm))
 
 
-def decomposition_comm_numel(
-    shape: LayerShape, *, compute_method: str = "eigen", symmetric_comm: bool = True
-) -> int:
+def decomposition_comm_numel(shape: LayerShape, *, compute_method: str = "eigen", symmetric_comm: bool = True) -> int:
     """Elements of the decomposition that the owner of a layer broadcasts to each fellow grad worker."""
     a, g = shape.a_side, shape.g_side
     if compute_method == "eigen":
@@ -217,8 +215,7 @@ def amortised_bytes(
     _check_positive_int("inv_update_steps", inv_update_steps)
     period = math.lcm(factor_update_steps, inv_update_steps)
     total: dict[int, dict[str, dict[str, Fraction]]] = {
-        r: {c: {"sent": Fraction(0), "received": Fraction(0)} for c in CATEGORIES}
-        for r in range(plan.world_size)
+        r: {c: {"sent": Fraction(0), "received": Fraction(0)} for c in CATEGORIES} for r in range(plan.world_size)
     }
     kinds: dict[tuple[bool, bool], int] = {}
     for k in range(period):
@@ -241,10 +238,7 @@ def amortised_bytes(
             for c, counts in per_category.items():
                 for direction, value in counts.items():
                     total[r][c][direction] += Fraction(value * count, period)
-    return {
-        r: {c: {d: float(v) for d, v in counts.items()} for c, counts in per.items()}
-        for r, per in total.items()
-    }
+    return {r: {c: {d: float(v) for d, v in counts.items()} for c, counts in per.items()} for r, per in total.items()}
 
 
 def memory_bytes(

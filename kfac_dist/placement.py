@@ -101,9 +101,7 @@ class LayerShape:
         for key in ("a_side", "g_side", "grad_numel", "blocks"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"LayerShape.{key} must be an integer >= 1; got {value!r} (layer {self.name!r})"
-                )
+                raise ValueError(f"LayerShape.{key} must be an integer >= 1; got {value!r} (layer {self.name!r})")
 
 
 def compute_cost(shape: LayerShape) -> int:
@@ -147,9 +145,7 @@ def grad_broadcasts(owner: int, world_size: int, grad_workers: int) -> tuple[Bro
     start = d * (owner // d)
     out = []
     for i in range(grad_workers):
-        receivers = tuple(
-            sorted((start + t) % world_size for t in range(i + grad_workers, world_size, grad_workers))
-        )
+        receivers = tuple(sorted((start + t) % world_size for t in range(i + grad_workers, world_size, grad_workers)))
         if receivers:
             out.append(((start + i) % world_size, receivers))
     return tuple(sorted(out))
@@ -200,15 +196,11 @@ class Plan:
         for lp in self.layers:
             workers = set(lp.grad_workers)
             if len(workers) != g or lp.owner not in workers or not workers <= set(range(w)):
-                raise ValueError(
-                    f"layer {lp.name!r}: grad_workers {lp.grad_workers} must be {g} ranks incl. owner"
-                )
+                raise ValueError(f"layer {lp.name!r}: grad_workers {lp.grad_workers} must be {g} ranks incl. owner")
             received = [r for _, receivers in lp.grad_broadcasts for r in receivers]
             sources = {src for src, _ in lp.grad_broadcasts}
             if sorted(received) != sorted(set(range(w)) - workers) or not sources <= workers:
-                raise ValueError(
-                    f"layer {lp.name!r}: every non-worker must receive from one worker exactly once"
-                )
+                raise ValueError(f"layer {lp.name!r}: every non-worker must receive from one worker exactly once")
 
     def layer(self, name: str) -> LayerPlan:
         """The placement of the layer called `name` (KeyError if there is none)."""
@@ -261,9 +253,7 @@ class Plan:
                 name=str(item["name"]),
                 owner=int(item["owner"]),
                 grad_workers=tuple(int(r) for r in item["grad_workers"]),
-                grad_broadcasts=tuple(
-                    (int(src), tuple(int(r) for r in rec)) for src, rec in item["grad_broadcasts"]
-                ),
+                grad_broadcasts=tuple((int(src), tuple(int(r) for r in rec)) for src, rec in item["grad_broadcasts"]),
             )
             for item in data["layers"]
         )
@@ -292,9 +282,7 @@ class Plan:
             casts = " ".join(f"{s}->{_ranks(r)}" for s, r in lp.grad_broadcasts) or "-"
             rows.append((lp.name, str(lp.owner), _ranks(lp.grad_workers), casts))
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
-        lines = [head] + [
-            "  ".join(row[i].ljust(widths[i]) if i < 3 else row[i] for i in range(4)) for row in rows
-        ]
+        lines = [head] + ["  ".join(row[i].ljust(widths[i]) if i < 3 else row[i] for i in range(4)) for row in rows]
         return "\n".join(line.rstrip() for line in lines)
 
 
@@ -375,9 +363,6 @@ def build_plan(
         for x in grad_worker_window(owner, w, g):
             memory_load[x] += m
     plans = tuple(
-        LayerPlan(n, owners[n], grad_worker_window(owners[n], w, g), grad_broadcasts(owners[n], w, g))
-        for n in names
+        LayerPlan(n, owners[n], grad_worker_window(owners[n], w, g), grad_broadcasts(owners[n], w, g)) for n in names
     )
-    return Plan(
-        world_size=w, grad_worker_fraction=fraction, grad_workers=g, assignment=assignment, layers=plans
-    )
+    return Plan(world_size=w, grad_worker_fraction=fraction, grad_workers=g, assignment=assignment, layers=plans)

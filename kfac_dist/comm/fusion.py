@@ -89,9 +89,7 @@ class FusionEntry:
         if math.prod(self.shape) == 0:
             raise ValueError(f"entry {self.key!r} has no elements (shape {self.shape})")
         if self.symmetric and (len(self.shape) not in (2, 3) or self.shape[-1] != self.shape[-2]):
-            raise ValueError(
-                f"symmetric entry {self.key!r} must have shape (n, n) or (b, n, n), got {self.shape}"
-            )
+            raise ValueError(f"symmetric entry {self.key!r} must have shape (n, n) or (b, n, n), got {self.shape}")
 
 
 @dataclass(frozen=True)
@@ -192,15 +190,11 @@ class FusionStep:
         """Copy `tensor` into its bucket, then launch every bucket that is ready (see the module's rule)."""
         self._check_open()
         if key not in self._where:
-            raise KeyError(
-                f"{key!r} is not an entry of this fusion plan that rank {self._comm.rank} takes part in"
-            )
+            raise KeyError(f"{key!r} is not an entry of this fusion plan that rank {self._comm.rank} takes part in")
         index, slot = self._where[key]
         target = self._mine[index].target
         if not _supplies(target, self._comm.rank):
-            raise ValueError(
-                f"rank {self._comm.rank} receives {key!r} from rank {target.root}; only the src adds it"
-            )
+            raise ValueError(f"rank {self._comm.rank} receives {key!r} from rank {target.root}; only the src adds it")
         if key not in self._pending[index]:
             raise ValueError(f"{key!r} was already added, or flushed")
         if tuple(tensor.shape) != slot.shape:
@@ -247,9 +241,7 @@ class FusionStep:
             index = len(self._handles)
             target, buffer = self._mine[index].target, self._buffers[index]
             if target.op is CollectiveOp.ALLREDUCE:
-                handle = self._comm.allreduce(
-                    buffer, target.group, average=target.average, category=self._category
-                )
+                handle = self._comm.allreduce(buffer, target.group, average=target.average, category=self._category)
             elif target.op is CollectiveOp.REDUCE:
                 assert target.root is not None
                 handle = self._comm.reduce(

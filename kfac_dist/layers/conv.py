@@ -7,6 +7,8 @@ A grouped convolution (including depthwise) is ``groups`` independent layers: on
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,7 +39,7 @@ class ConvLayer(KFACLayer):
     def _patch_size(self) -> int:
         """Input channels of one group times the kernel size."""
         weight = self.module.weight
-        return weight.shape[1] * int(torch.tensor(weight.shape[2:]).prod())
+        return weight.shape[1] * math.prod(weight.shape[2:])
 
     @property
     def a_side(self) -> int:

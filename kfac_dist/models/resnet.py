@@ -39,9 +39,7 @@ class BasicBlock(nn.Module):
 
     expansion: int = 1
 
-    def __init__(
-        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
-    ) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
         """Build the block.
 
         Args:
@@ -73,9 +71,7 @@ class Bottleneck(nn.Module):
 
     expansion: int = 4
 
-    def __init__(
-        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
-    ) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
         """Build the block.
 
         Args:

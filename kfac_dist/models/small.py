@@ -56,9 +56,7 @@ def mlp(
     """
     widths = [in_features, *hidden]
     if any(w <= 0 for w in (*widths, num_classes)):
-        raise ValueError(
-            f"mlp: in_features, hidden and num_classes must be positive, got {widths}, {num_classes}"
-        )
+        raise ValueError(f"mlp: in_features, hidden and num_classes must be positive, got {widths}, {num_classes}")
     model = nn.Sequential()
     model.add_module("flatten", nn.Flatten())
     for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:], strict=True), start=1):

@@ -1,0 +1,349 @@
+"""The planner (``kfac-dist plan``): plausible totals for ResNet-50 at W=64, option checks, and, on real gloo
+processes at W = 2 and 4, per-rank bytes and memory exactly equal to what the preconditioner recorded."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from multiproc import run_multiproc
+from torch import nn
+
+from kfac_dist import KFACPreconditioner, costs
+from kfac_dist.comm import TorchDistCommunicator
+from kfac_dist.models import build_model
+from kfac_dist.placement import Plan, build_plan, compute_cost
+from kfac_dist.planner import STEP_KINDS, PlanOptions, layer_shapes, plan_model
+from launch.cli import main
+
+RESNET50_ARGS = ["--model", "resnet50", "--world-size", "64", "--grad-worker-fraction", "0.5"]
+RESNET50_ARGS += ["--factor-update-steps", "10", "--inv-update-steps", "100"]
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    assert main(["plan", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def per_rank_sum(rows: list[dict[str, int]], key: str) -> int:
+    return sum(row[key] for row in rows)
+
+
+# ------------------------------------------------------------------------------------------ ResNet-50, W = 64
+@pytest.fixture(scope="module")
+def resnet50_shapes() -> tuple[Any, ...]:
+    with torch.device("meta"):
+        model = build_model("resnet50")
+    return layer_shapes(model)
+
+
+def test_cli_json_resnet50_w64_totals(capsys: pytest.CaptureFixture[str], resnet50_shapes: tuple[Any, ...]) -> None:
+    data = json.loads(run_cli(capsys, *RESNET50_ARGS, "--json"))
+    shapes = resnet50_shapes
+    w, g = 64, 32
+    assert data["world_size"] == w and data["plan"]["grad_workers"] == g
+    assert len(data["layers"]) == len(shapes) == 54
+    assert Plan.from_dict(data["plan"]) == build_plan(list(shapes), w, 0.5)
+    assert data["period"] == 100 and data["steps_per_period"] == {
+        "factor": 9,
+        "inverse": 1,
+        "inverse_only": 0,
+        "plain": 90,
+    }
+
+    factors = sum(costs.factor_storage_numel(s) * 4 for s in shapes)
+    decompositions = sum(costs.decomposition_storage_numel(s) * 4 for s in shapes)
+    memory, kaisa = data["memory"], data["kaisa"]["memory"]
+    assert len(memory) == len(kaisa) == w
+    assert per_rank_sum(memory, "factors") == factors  # owner: each layer's factors live on one rank
+    assert all(row["factors"] == factors for row in kaisa)  # KAISA: every rank holds every factor
+    assert per_rank_sum(memory, "decompositions") == g * decompositions
+    assert all(row["buffers"] == factors for row in memory)
+    assert [row["decompositions"] for row in kaisa] == [row["decompositions"] for row in memory]
+    assert max(sum(row.values()) for row in memory) < min(sum(row.values()) for row in kaisa)
+
+    bytes_ = data["bytes"]
+    factor_payload = sum(costs.factor_comm_numel(s) * 4 for s in shapes)
+    for kind in (*STEP_KINDS, "amortised"):
+        assert len(bytes_[kind]) == w
+        for category in costs.CATEGORIES:  # every byte sent is received by someone
+            sent = sum(r[category]["sent"] for r in bytes_[kind])
+            assert sent == pytest.approx(sum(r[category]["received"] for r in bytes_[kind]), rel=1e-12)
+    factor_sent = sum(r["factor_reduce"]["sent"] for r in bytes_["factor"])
+    assert factor_sent == (w - 1) * factor_payload
+    assert all(r["factor_reduce"] == {"sent": 0, "received": 0} for r in bytes_["plain"])
+    assert all(r["decomposition_broadcast"] == {"sent": 0, "received": 0} for r in bytes_["factor"])
+    plan = Plan.from_dict(data["plan"])
+    for rank in range(w):
+        grads = sum(s.grad_numel * 4 for s in shapes if rank not in plan.layer(s.name).grad_workers)
+        assert bytes_["plain"][rank]["gradient_broadcast"]["received"] == grads
+        for category in costs.CATEGORIES:
+            for d in ("sent", "received"):
+                mix = [bytes_[k][rank][category][d] for k in ("factor", "inverse", "plain")]
+                expected = (9 * mix[0] + mix[1] + 90 * mix[2]) / 100
+                assert bytes_["amortised"][rank][category][d] == pytest.approx(expected, rel=1e-12)
+
+    load = data["decomposition_load"]
+    assert sum(load["per_rank"]) == sum(compute_cost(s) for s in shapes)
+    assert load["max"] == max(load["per_rank"]) and load["mean"] == pytest.approx(sum(load["per_rank"]) / w)
+    summary = data["summary"]
+    assert summary["memory_max"] == max(sum(row.values()) for row in memory)
+    assert summary["kaisa_memory_mean"] == pytest.approx(2 * factors + g * decompositions / w, rel=1e-12)
+    assert summary["kaisa_memory_max"] == max(sum(row.values()) for row in kaisa)
+
+
+def test_cli_text_resnet50_w64(capsys: pytest.CaptureFixture[str]) -> None:
+    text = run_cli(capsys, *RESNET50_ARGS)
+    data = json.loads(run_cli(capsys, *RESNET50_ARGS, "--json"))
+    lines = text.splitlines()
+    assert lines[0].startswith("kfac-dist plan: resnet50, 54 preconditioned layers")
+    assert "per 100 steps: 9 factor steps, 1 inverse step, 90 plain steps" in text
+    rank_rows = [line for line in lines if line.split() and line.split()[0].isdigit()]
+    assert rank_rows == []  # 64 ranks: min/mean/max/total only
+    for name in ("min", "mean", "max", "total"):
+        assert any(line.split()[:1] == [name] for line in lines), name
+    kaisa = next(line for line in lines if line.startswith("max memory (MiB)")).split()
+    s = data["summary"]
+    assert kaisa[-2:] == [f"{s['memory_max'] / 2**20:,.2f}", f"{s['kaisa_memory_max'] / 2**20:,.2f}"]
+    amortised = next(line for line in lines if line.startswith("max amortised traffic")).split()
+    assert amortised[-2:] == [f"{s['amortised_max'] / 2**20:,.2f}", f"{s['kaisa_amortised_max'] / 2**20:,.2f}"]
+
+    per_rank = run_cli(capsys, *RESNET50_ARGS, "--per-rank")
+    rows = [line.split()[0] for line in per_rank.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert rows == [str(r) for r in range(64)]
+
+
+def test_small_world_prints_every_rank(capsys: pytest.CaptureFixture[str]) -> None:
+    text = run_cli(capsys, "--model", "small_cnn", "--world-size", "4", "--grad-worker-fraction", "mem-opt")
+    rows = [line.split() for line in text.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [row[0] for row in rows] == ["0", "1", "2", "3"]
+    assert sum(int(row[1]) for row in rows) == 3  # conv1, conv2, fc owned once each
+
+
+def test_allreduce_plan_is_kaisa_and_schedule_kinds() -> None:
+    report = plan_model(
+        "mlp", 3, factor_comm="allreduce", factor_update_steps=2, inv_update_steps=3, compute_method="inverse"
+    )
+    assert report.memory == report.kaisa_memory and report.amortised == report.kaisa_amortised
+    assert report.options.steps_per_period() == {"factor": 2, "inverse": 1, "inverse_only": 1, "plain": 2}
+    assert "1 inverse-only step" in report.to_text()
+    json.dumps(report.to_dict())
+
+
+def test_steps_per_period_counts_every_kind_of_step() -> None:
+    for f, i in itertools.product(range(1, 13), repeat=2):
+        options = PlanOptions(factor_update_steps=f, inv_update_steps=i)
+        kinds = [(k % f == 0, k % i == 0) for k in range(options.period)]
+        assert options.steps_per_period() == {kind: kinds.count(flags) for kind, flags in STEP_KINDS.items()}
+
+
+@pytest.mark.parametrize(("name", "layers"), [("resnet18", 21), ("resnet50", 54), ("resnet101", 105)])
+def test_model_registry_resnets(name: str, layers: int) -> None:
+    report = plan_model(name, 8, grad_worker_fraction="hybrid-opt")
+    assert len(report.layers) == layers and report.model == name
+    assert report.layers[0].name == "conv1" and report.layers[-1].name == "fc"
+    assert report.layers[-1].g_side == 1000
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [
+        ({"world_size": 0}, "world_size"),
+        ({"world_size": 2.0}, "world_size"),
+        ({"grad_worker_fraction": 1.5}, "grad_worker_fraction"),
+        ({"grad_worker_fraction": "fast"}, "grad_worker_fraction"),
+        ({"assignment": "random"}, "assignment"),
+        ({"factor_comm": "ring"}, "factor_comm"),
+        ({"symmetric_comm": 1}, "symmetric_comm"),
+        ({"compute_method": "cholesky"}, "compute_method"),
+        ({"factor_update_steps": 0}, "factor_update_steps"),
+        ({"inv_update_steps": 2.5}, "inv_update_steps"),
+        ({"factor_bytes": 0}, "factor_bytes"),
+        ({"inv_bytes": True}, "inv_bytes"),
+        ({"grad_bytes": -4}, "grad_bytes"),
+        ({"skip_layers": 3}, "skip_layers"),
+        ({"model": "resnet9000"}, "model"),
+        ({"model": 3}, "model"),
+    ],
+)
+def test_bad_options_raise_value_error_naming_them(kwargs: dict[str, Any], option: str) -> None:
+    args: dict[str, Any] = {"model": "mlp", "world_size": 2} | kwargs
+    with pytest.raises(ValueError, match=option):
+        plan_model(args.pop("model"), args.pop("world_size"), **args)
+
+
+def test_plan_options_reject_bad_values() -> None:
+    with pytest.raises(ValueError, match="assignment"):
+        PlanOptions(assignment="x")
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--model", "resnet50"], "--world-size"),
+        (["--model", "resnet9000", "--world-size", "2"], "--model"),
+        (["--model", "mlp", "--world-size", "0"], "--world-size"),
+        (["--model", "mlp", "--world-size", "2", "--grad-worker-fraction", "0"], "--grad-worker-fraction"),
+        (["--model", "mlp", "--world-size", "2", "--grad-worker-fraction", "x"], "--grad-worker-fraction"),
+        (["--model", "mlp", "--world-size", "2", "--factor-comm", "ring"], "--factor-comm"),
+        (["--model", "mlp", "--world-size", "2", "--assignment", "x"], "--assignment"),
+        (["--model", "mlp", "--world-size", "2", "--compute-method", "x"], "--compute-method"),
+        (["--model", "mlp", "--world-size", "2", "--factor-update-steps", "0"], "--factor-update-steps"),
+        (["--model", "mlp", "--world-size", "2", "--inv-update-steps", "1.5"], "--inv-update-steps"),
+        (["--model", "mlp", "--world-size", "2", "--dtype-bytes", "0"], "--dtype-bytes"),
+        (["--model", "mlp", "--world-size", "2", "--grad-bytes", "x"], "--grad-bytes"),
+        (["--model", "mlp", "--world-size", "2", "--skip-layers", "*"], "skip"),
+    ],
+)
+def test_cli_bad_values_exit_2_naming_the_flag(capsys: pytest.CaptureFixture[str], argv: list[str], flag: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        code = main(["plan", *argv])
+        raise SystemExit(code)
+    assert info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_cli_dtype_bytes_and_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--model", "mlp", "--world-size", "2", "--json"]
+    four = json.loads(run_cli(capsys, *base))
+    eight = json.loads(run_cli(capsys, *base, "--dtype-bytes", "8", "--grad-bytes", "2"))
+    assert eight["options"]["factor_bytes"] == eight["options"]["inv_bytes"] == 8
+    assert eight["options"]["grad_bytes"] == 2
+    assert eight["memory"][0]["buffers"] == 2 * four["memory"][0]["buffers"]
+
+
+def test_console_script_plan() -> None:
+    script = Path(sys.executable).with_name("kfac-dist")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "launch.cli"]
+    argv = [*command, "plan", "--model", "resnet18", "--world-size", "8", "--json"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["world_size"] == 8
+
+
+# ------------------------------------------------------------------------ planner == real runs (gloo, W = 2, 4)
+STEPS = 6  # one period of lcm(2, 3): factor (2, 4), inverse (0), inverse-only (3) and plain (1, 5) steps
+FACTOR_UPDATE_STEPS = 2
+INV_UPDATE_STEPS = 3
+LOCAL_BATCH = 3
+
+
+class TinyNet(nn.Module):
+    """Embedding (diagonal A), grouped Conv1d, two Linears; the last one is skipped by pattern."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(12, 6)
+        self.conv = nn.Conv1d(6, 4, 3, groups=2)
+        self.hidden = nn.Linear(12, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.conv(self.embed(tokens).transpose(1, 2)))
+        return self.out(torch.relu(self.hidden(x.flatten(1))))
+
+
+def make_tiny() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet().double()
+
+
+def cases(world_size: int) -> list[dict[str, Any]]:
+    uneven = {2: 0.5, 4: 0.75}[world_size]
+    return [
+        {"grad_worker_fraction": "mem-opt", "compute_method": "eigen", "symmetric_comm": True, "factor_comm": "owner"},
+        {
+            "grad_worker_fraction": uneven,
+            "compute_method": "inverse",
+            "symmetric_comm": False,
+            "factor_comm": "owner",
+            "assignment": "memory",
+        },
+        {"grad_worker_fraction": 0.5, "compute_method": "eigen", "symmetric_comm": False, "factor_comm": "allreduce"},
+        {
+            "grad_worker_fraction": "comm-opt",
+            "compute_method": "inverse",
+            "symmetric_comm": True,
+            "factor_comm": "owner",
+        },
+    ]
+
+
+def train_cases(rank: int, world_size: int) -> list[dict[str, Any]]:
+    """Every case: STEPS steps of SGD + K-FAC on this rank's slice; what the preconditioner recorded."""
+    torch.set_default_dtype(torch.float64)
+    out = []
+    for options in cases(world_size):
+        model = make_tiny()
+        pre = KFACPreconditioner(
+            model,
+            factor_update_steps=FACTOR_UPDATE_STEPS,
+            inv_update_steps=INV_UPDATE_STEPS,
+            damping=0.05,
+            inv_dtype=torch.float64,
+            skip_layers=("out",),
+            communicator=TorchDistCommunicator(),
+            **options,
+        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(STEPS):
+            generator = torch.Generator().manual_seed(100 * step + rank)
+            tokens = torch.randint(0, 12, (LOCAL_BATCH, 5), generator=generator)
+            labels = torch.randint(0, 3, (LOCAL_BATCH,), generator=generator)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(tokens), labels).backward()
+            for p in model.parameters():
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+            pre.step()
+            optimizer.step()
+        out.append({"plan": pre.plan().to_dict(), "bytes": pre.comm_stats(), "memory": pre.memory_usage()})
+    return out
+
+
+def step_kind(step: int) -> str:
+    flags = (step % FACTOR_UPDATE_STEPS == 0, step % INV_UPDATE_STEPS == 0)
+    return next(kind for kind, kind_flags in STEP_KINDS.items() if kind_flags == flags)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_planner_equals_what_real_runs_recorded(world_size: int) -> None:
+    results = run_multiproc(train_cases, world_size, timeout=120)
+    assert sorted(step_kind(k) for k in range(STEPS)) == sorted(
+        ["inverse", "plain", "factor", "inverse_only", "factor", "plain"]
+    )
+    for index, options in enumerate(cases(world_size)):
+        report = plan_model(
+            make_tiny(),
+            world_size,
+            factor_update_steps=FACTOR_UPDATE_STEPS,
+            inv_update_steps=INV_UPDATE_STEPS,
+            skip_layers=("out",),
+            factor_bytes=8,
+            inv_bytes=8,
+            grad_bytes=8,
+            **options,
+        )
+        assert [s.name for s in report.layers] == ["embed", "conv", "hidden"]
+        assert report.layers[0].a_diagonal and report.layers[1].blocks == 2
+        for rank, outcomes in enumerate(results):
+            where = f"W={world_size} rank {rank} {options}"
+            recorded = outcomes[index]
+            assert Plan.from_dict(recorded["plan"]) == report.plan, where
+            assert recorded["memory"] == report.memory[rank], where
+            assert set(recorded["bytes"]) <= set(costs.CATEGORIES), where
+            for category in costs.CATEGORIES:
+                got = recorded["bytes"].get(category, {"sent": 0, "received": 0})
+                for direction in ("sent", "received"):
+                    per_step = [report.step_bytes[step_kind(k)][rank][category][direction] for k in range(STEPS)]
+                    assert got[direction] == sum(per_step), f"{where} {category} {direction}"
+                    amortised = report.amortised[rank][category][direction] * STEPS  # STEPS is one period
+                    assert math.isclose(got[direction], amortised, rel_tol=1e-12, abs_tol=1e-9), where
+        moved = [sum(v["sent"] for v in outcomes[index]["bytes"].values()) for outcomes in results]
+        assert sum(moved) > 0
