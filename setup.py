@@ -15,7 +15,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["kfac_dist", "kfac_dist.*", "launch", "launch.*"]),
     package_data={"kfac_dist": ["py.typed"]},
-    install_requires=["torch>=2.3", "numpy", "pyyaml"],
-    extras_require={"data": ["mlxtend"]},
+    install_requires=["torch>=2.3", "numpy", "pyyaml", "pillow"],
+    extras_require={"data": ["mlxtend"], "tensorboard": ["tensorboard"]},
     entry_points={"console_scripts": ["kfac-dist = launch.cli:main"]},
 )

@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol, SupportsIndex
+from dataclasses import dataclass
+from typing import Any, Protocol, SupportsIndex
 
 import numpy as np
 import torch
@@ -55,7 +56,8 @@ class Transform(Protocol):
         """Transform ``img``; random transforms draw from ``generator`` when one is given."""
 
 
-class SampleKey(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class SampleKey:
     """A sampler's request for sample ``index``, augmented with randomness seeded by ``(seed, index)``."""
 
     index: int
@@ -125,17 +127,16 @@ def _crop(img: ImageLike, top: int, left: int, height: int, width: int) -> Image
 
 
 def _resize(img: ImageLike, size: tuple[int, int], box: tuple[int, int, int, int] | None = None) -> ImageLike:
-    """Bilinear (antialiased) resize to ``size`` = (height, width) of the region ``box`` = (top, left, h, w)."""
+    """Crop ``box`` = (top, left, h, w) if given, then resize (bilinear, antialiased) to ``size`` = (height, width)."""
+    img = img if box is None else _crop(img, *box)
     if isinstance(img, Image.Image):
-        pil_box = None if box is None else (box[1], box[0], box[1] + box[3], box[0] + box[2])
-        return img.resize((size[1], size[0]), Image.Resampling.BILINEAR, box=pil_box)
-    if box is not None:
-        img = _crop(img, *box)
-    batch = img.reshape(-1, *img.shape[-3:]) if img.ndim >= 3 else img[None, None]
+        return img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    tensor = img
+    batch = tensor.reshape(-1, *tensor.shape[-3:]) if tensor.ndim >= 3 else tensor[None, None]
     out = F.interpolate(batch.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-    if img.dtype == torch.uint8:
+    if tensor.dtype == torch.uint8:
         out = out.round().clamp(0, 255).to(torch.uint8)
-    return out.reshape(*img.shape[:-2], *size)
+    return out.reshape(*tensor.shape[:-2], *size)
 
 
 class Compose:
