@@ -1,7 +1,8 @@
 """The ``kfac-dist`` command line.
 
-``kfac-dist train`` runs the embedded default job (a small CNN on MNIST-5k with SGD + K-FAC) and prints one
-line per epoch and a final ``final test accuracy: X.XXXX`` line.
+``kfac-dist train --config FILE [key.path=value ...]`` trains from a YAML config (:mod:`launch.train`); without
+``--config`` it runs the embedded default (a small CNN on MNIST-5k with SGD + K-FAC) and ends with a
+``final test accuracy: X.XXXX`` line.
 
 ``kfac-dist plan --model resnet50 --world-size 64 ...`` prints what a distributed run would hold and move per rank
 (memory by category, bytes per step by category, decomposition load, beside KAISA's scheme) without starting a
@@ -20,9 +21,9 @@ from kfac_dist.models import MODEL_NAMES
 from kfac_dist.options import COMPUTE_METHODS, FACTOR_COMMS
 from kfac_dist.placement import ASSIGNMENTS, STRATEGIES
 from kfac_dist.planner import PlanOptions, plan_model
-from launch.train import OPTIMIZERS, EpochResult, TrainSettings, run_training
+from launch import train
 
-__all__ = ["build_parser", "main", "run_plan", "settings_from_args"]
+__all__ = ["build_parser", "main", "run_plan"]
 
 
 def _number(kind: type[int] | type[float], low: float, low_open: bool) -> Callable[[str], float]:
@@ -40,36 +41,8 @@ def _number(kind: type[int] | type[float], low: float, low_open: bool) -> Callab
 
 
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
-    d = TrainSettings()
-    p = subparsers.add_parser(
-        "train",
-        help="train the embedded default: a small CNN on MNIST-5k",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--model", choices=("small_cnn", "mlp"), default=d.model, help="model from kfac_dist.models")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="SGD with or without K-FAC")
-    p.add_argument("--epochs", type=_number(int, 1, False), default=d.epochs, help="passes over the training set")
-    p.add_argument("--batch-size", type=_number(int, 1, False), default=d.batch_size, help="examples per step")
-    p.add_argument("--lr", type=_number(float, 0, True), default=d.lr, help="learning rate")
-    p.add_argument("--momentum", type=_number(float, 0, False), default=d.momentum, help="SGD momentum")
-    p.add_argument("--weight-decay", type=_number(float, 0, False), default=d.weight_decay, help="L2 weight decay")
-    p.add_argument("--damping", type=_number(float, 0, True), default=d.damping, help="K-FAC damping")
-    p.add_argument(
-        "--factor-update-steps",
-        type=_number(int, 1, False),
-        default=d.factor_update_steps,
-        help="K-FAC factor period",
-    )
-    p.add_argument(
-        "--inv-update-steps",
-        type=_number(int, 1, False),
-        default=d.inv_update_steps,
-        help="K-FAC inverse period",
-    )
-    p.add_argument("--kl-clip", type=_number(float, 0, True), default=d.kl_clip, help="K-FAC KL-clip bound")
-    p.add_argument("--no-kl-clip", action="store_true", help="disable KL-clip")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the data split, initialisation and shuffles")
-    p.set_defaults(command="train")
+    parser = subparsers.add_parser("train", help="train from a YAML config (default: the embedded MNIST-5k run)")
+    train.add_arguments(parser)
 
 
 def _fraction(text: str) -> float | str:
@@ -109,6 +82,7 @@ def _add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
         help="send symmetric matrices as upper triangles",
     )
     p.add_argument("--compute-method", choices=COMPUTE_METHODS, default=d.compute_method, help="decomposition kind")
+    p.add_argument("--bucket-cap-mb", type=_number(float, 0, True), default=d.bucket_cap_mb, help="fusion bucket cap")
     p.add_argument(
         "--factor-update-steps", type=_number(int, 1, False), default=d.factor_update_steps, help="factor period"
     )
@@ -149,6 +123,7 @@ def run_plan(args: argparse.Namespace) -> int:
             factor_comm=args.factor_comm,
             symmetric_comm=args.symmetric_comm,
             compute_method=args.compute_method,
+            bucket_cap_mb=args.bucket_cap_mb,
             factor_update_steps=args.factor_update_steps,
             inv_update_steps=args.inv_update_steps,
             skip_layers=tuple(args.skip_layers),
@@ -170,32 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace) -> TrainSettings:
-    """Turn parsed ``train`` arguments into :class:`~launch.train.TrainSettings`."""
-    return TrainSettings(
-        model=args.model,
-        optimizer=args.optimizer,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        damping=args.damping,
-        factor_update_steps=args.factor_update_steps,
-        inv_update_steps=args.inv_update_steps,
-        kl_clip=None if args.no_kl_clip else args.kl_clip,
-        seed=args.seed,
-    )
-
-
-def _print_epoch(result: EpochResult) -> None:
-    print(
-        f"epoch {result.epoch}: train loss {result.train_loss:.4f}, test accuracy {result.test_accuracy:.4f} "
-        f"({result.seconds:.1f} s)",
-        flush=True,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kfac-dist`` console script.
 
@@ -208,15 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "plan":
         return run_plan(args)
-    if args.command == "train":
-        settings = settings_from_args(args)
-        print(f"kfac-dist train: {settings}", flush=True)
-        results = run_training(settings, on_epoch=_print_epoch)
-        print(f"final test accuracy: {results[-1].test_accuracy:.4f}", flush=True)
-        if not math.isfinite(results[-1].train_loss):
-            print("kfac-dist train: the training loss is not finite (the run diverged)", file=sys.stderr)
-            return 1
-    return 0
+    return train.run(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,337 @@
+"""Where am I running? Detect the launcher's environment and start the process group.
+
+`detect_env` reads the variables each launcher sets and returns a `RunEnv`. The first rule that matches wins:
+
+1. **torchrun** (or any ``env://``-style launcher): ``RANK`` and ``WORLD_SIZE`` are set. ``LOCAL_RANK`` /
+   ``LOCAL_WORLD_SIZE`` default to ``RANK`` / ``WORLD_SIZE`` (one host) when absent.
+2. **Slurm** ``srun``: ``SLURM_PROCID`` and a plain step number in ``SLURM_STEP_ID`` are set. ``srun`` sets
+   ``SLURM_STEP_ID`` in every task it starts; the shell of an ``sbatch`` script has ``SLURM_PROCID=0`` and the
+   job's ``SLURM_NTASKS`` (say 4) but no ``SLURM_STEP_ID`` (Slurm 22.05; newer Slurm gives its batch/extern/
+   interactive steps ids >= 0xFFFFFFF0), and runs one process: it falls through to the rules below (single).
+   Size: ``SLURM_STEP_NUM_TASKS`` (else ``SLURM_NTASKS``); local rank: ``SLURM_LOCALID``; local size:
+   ``SLURM_STEP_TASKS_PER_NODE`` (``"4(x2),3"``) at ``SLURM_NODEID``. An MPI launcher inside a job starts its
+   proxies with ``srun`` (MPICH's ``mpiexec`` in ``sbatch``: every rank sees ``SLURM_PROCID=0`` of 1): when MPI
+   variables are set and disagree with the step's rank or size, the MPI rule is used instead.
+3. **Open MPI** ``mpirun``: ``OMPI_COMM_WORLD_RANK`` / ``_SIZE`` / ``_LOCAL_RANK`` / ``_LOCAL_SIZE``.
+4. **MPICH / Intel MPI (Hydra, PMI)** ``mpiexec``: ``PMI_RANK`` / ``PMI_SIZE``, ``MPI_LOCALRANKID`` /
+   ``MPI_LOCALNRANKS`` (``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` are accepted in their place).
+5. **single**: none of the above; rank 0 of 1.
+
+Master address: ``MASTER_ADDR`` when set (always wins). Otherwise Slurm uses the first host of the step's
+``SLURM_STEP_NODELIST`` (task 0 runs there; else ``SLURM_JOB_NODELIST``), parsed here without ``scontrol``;
+every launcher uses ``127.0.0.1`` when all ranks are on this host (local size == world size); a multi-host
+torchrun/MPI run without ``MASTER_ADDR`` is an error.
+Master port: ``MASTER_PORT`` when set; else, inside a Slurm job, ``15000 + SLURM_JOB_ID % 20000`` (so two jobs
+sharing a node do not collide, and every rank computes the same port); else 29500 (torch's default).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "BACKENDS",
+    "LaunchEnvError",
+    "RunEnv",
+    "cuda_device_index",
+    "detect_env",
+    "expand_hostlist",
+    "init_distributed",
+    "shutdown_distributed",
+]
+
+BACKENDS = ("auto", "nccl", "gloo", "mpi")
+DEFAULT_PORT = 29500
+_SLURM_SPECIAL_STEP = 0xFFFFFFF0  # batch, extern, interactive, pending steps have ids above this
+
+
+_Found = tuple[str, int, int, int, int]  # launcher, rank, size, local rank, local size
+
+
+class LaunchEnvError(ValueError):
+    """The launcher's environment variables are missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class RunEnv:
+    """This process's place in the run, as the launcher described it.
+
+    Attributes:
+        launcher: ``"torchrun"``, ``"slurm"``, ``"mpi"`` or ``"single"``.
+        rank: Global rank in ``[0, world_size)``.
+        world_size: Number of processes in the run.
+        local_rank: Rank among the processes on this host; selects the GPU.
+        local_world_size: Number of processes on this host.
+        master_addr: Host of rank 0's rendezvous store.
+        master_port: Port of that store.
+    """
+
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def init_method(self) -> str:
+        """The ``tcp://`` rendezvous URL (IPv6 addresses in brackets)."""
+        host = f"[{self.master_addr}]" if ":" in self.master_addr else self.master_addr
+        return f"tcp://{host}:{self.master_port}"
+
+
+def detect_env(environ: Mapping[str, str] = os.environ) -> RunEnv:
+    """Detect the launcher from `environ` (see the module docstring for the rules) and validate its values.
+
+    Raises:
+        LaunchEnvError: A value is not an integer, out of range, or a needed variable is missing; the message
+            names the variable.
+    """
+    found = _torchrun(environ) or _slurm(environ) or _mpi(environ)
+    launcher, rank, size, local_rank, local_size = found or ("single", 0, 1, 0, 1)
+    addr = environ.get("MASTER_ADDR")
+    if not addr and launcher == "slurm":
+        nodelist = "SLURM_STEP_NODELIST" if environ.get("SLURM_STEP_NODELIST") else "SLURM_JOB_NODELIST"
+        addr = expand_hostlist(_need(environ, nodelist), nodelist)[0]
+    elif not addr and local_size == size:
+        addr = "127.0.0.1"
+    if addr is None:
+        raise LaunchEnvError(
+            f"{launcher}: the {size} ranks span several hosts ({local_size} on this one) and MASTER_ADDR is not set; "
+            "set MASTER_ADDR to the address of rank 0's host"
+        )
+    return RunEnv(launcher, rank, size, local_rank, local_size, addr, _port(environ))
+
+
+def _torchrun(environ: Mapping[str, str]) -> _Found | None:
+    if "RANK" not in environ or "WORLD_SIZE" not in environ:
+        return None
+    rank, size = _int(environ, "RANK"), _int(environ, "WORLD_SIZE", minimum=1)
+    if "LOCAL_WORLD_SIZE" in environ:
+        local_rank, local_size = _int(environ, "LOCAL_RANK"), _int(environ, "LOCAL_WORLD_SIZE", minimum=1)
+    else:  # a hand-made env:// setup: assume one host
+        local_rank, local_size = (_int(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else rank), size
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    return _checked("torchrun", names, (rank, size, local_rank, local_size))
+
+
+def _slurm(environ: Mapping[str, str]) -> _Found | None:
+    step = environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID"))
+    if "SLURM_PROCID" not in environ or step is None or not step.isdigit() or int(step) >= _SLURM_SPECIAL_STEP:
+        return None  # not a task started by srun: e.g. the shell of an sbatch script
+    size_var = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ else "SLURM_NTASKS"
+    rank, size = _int(environ, "SLURM_PROCID"), _int(environ, size_var, minimum=1)
+    mpi = _mpi_names(environ)
+    if mpi and (environ.get(mpi[0], "").strip(), environ.get(mpi[1], "").strip()) != (str(rank), str(size)):
+        return None  # an MPI launcher inside the step (its daemons started by srun): MPI's ranks are the run's
+    local_rank = _int(environ, "SLURM_LOCALID")
+    per_node_var = "SLURM_STEP_TASKS_PER_NODE" if "SLURM_STEP_TASKS_PER_NODE" in environ else "SLURM_TASKS_PER_NODE"
+    if per_node_var in environ:
+        node = _int(environ, "SLURM_NODEID") if "SLURM_NODEID" in environ else 0
+        local_size = _tasks_on_node(per_node_var, environ[per_node_var], node)
+    else:
+        local_size = size
+    names = ("SLURM_PROCID", size_var, "SLURM_LOCALID", per_node_var)
+    return _checked("slurm", names, (rank, size, local_rank, local_size))
+
+
+def _mpi_names(environ: Mapping[str, str]) -> tuple[str, str, str, str] | None:
+    """The variables holding rank, size, local rank and local size for Open MPI or Hydra/PMI, if either is set."""
+    if "OMPI_COMM_WORLD_RANK" in environ:
+        prefix = "OMPI_COMM_WORLD_"
+        return prefix + "RANK", prefix + "SIZE", prefix + "LOCAL_RANK", prefix + "LOCAL_SIZE"
+    if "PMI_RANK" in environ:
+        hydra = "MPI_LOCALRANKID" in environ or "LOCAL_RANK" not in environ  # else take LOCAL_RANK/_WORLD_SIZE
+        local, local_size = ("MPI_LOCALRANKID", "MPI_LOCALNRANKS") if hydra else ("LOCAL_RANK", "LOCAL_WORLD_SIZE")
+        return "PMI_RANK", "PMI_SIZE", local, local_size
+    return None
+
+
+def _mpi(environ: Mapping[str, str]) -> _Found | None:
+    names = _mpi_names(environ)
+    if names is None:
+        return None
+    rank, size = _int(environ, names[0]), _int(environ, names[1], minimum=1)
+    local_rank, local_size = _int(environ, names[2]), _int(environ, names[3], minimum=1)
+    return _checked("mpi", names, (rank, size, local_rank, local_size))
+
+
+def _checked(launcher: str, names: tuple[str, str, str, str], values: tuple[int, int, int, int]) -> _Found:
+    """Check rank < size, local rank < local size, local size <= size; name the variables in the error."""
+    rank, size, local_rank, local_size = values
+    for small, big in ((0, 1), (2, 3)):
+        if values[small] >= values[big]:
+            raise LaunchEnvError(f"{launcher}: {names[small]}={values[small]} is not < {names[big]}={values[big]}")
+    if local_size > size:
+        raise LaunchEnvError(f"{launcher}: {names[3]}={local_size} is larger than {names[1]}={size}")
+    return launcher, rank, size, local_rank, local_size
+
+
+def _need(environ: Mapping[str, str], name: str) -> str:
+    if not environ.get(name):
+        raise LaunchEnvError(f"{name} is not set")
+    return environ[name]
+
+
+def _int(environ: Mapping[str, str], name: str, minimum: int = 0) -> int:
+    text = _need(environ, name).strip()
+    try:
+        value = int(text)
+    except ValueError:
+        raise LaunchEnvError(f"{name}={text!r} is not an integer") from None
+    if value < minimum:
+        raise LaunchEnvError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def _port(environ: Mapping[str, str]) -> int:
+    if environ.get("MASTER_PORT"):
+        port = _int(environ, "MASTER_PORT", minimum=1)
+        if port > 65535:
+            raise LaunchEnvError(f"MASTER_PORT={port} must be <= 65535")
+        return port
+    if environ.get("SLURM_JOB_ID"):
+        return 15000 + _int(environ, "SLURM_JOB_ID") % 20000
+    return DEFAULT_PORT
+
+
+def _tasks_on_node(name: str, spec: str, node: int) -> int:
+    """Tasks on node `node` from Slurm's compressed per-node counts, e.g. ``"4(x2),3"`` = 4, 4, 3."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if match is None:
+            raise LaunchEnvError(f"{name}={spec!r} is not a Slurm task count list like '4(x2),3'")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    if node >= len(counts):
+        raise LaunchEnvError(f"SLURM_NODEID={node} is not < the {len(counts)} nodes of {name}={spec!r}")
+    return counts[node]
+
+
+def expand_hostlist(hostlist: str, name: str = "SLURM_JOB_NODELIST") -> list[str]:
+    """Expand a Slurm hostlist: ``"node[01-03,07],gpu-a[1-2]"`` -> node01, node02, node03, node07, gpu-a1, gpu-a2.
+
+    Supports several comma-separated host expressions, several ranges and single numbers per bracket, zero
+    padding (the width of a range's lower bound, as Slurm does), and several brackets in one name
+    (``rack[1-2]-n[1-2]``: every combination, leftmost bracket slowest).
+
+    Raises:
+        LaunchEnvError: Unbalanced brackets, an empty name, or a bad range; the message quotes `name`=`hostlist`.
+    """
+    hosts: list[str] = []
+    for expression in _split_top_level(hostlist, name):
+        names = [""]
+        for text, bracket in re.findall(r"([^\[\]]*)(?:\[([^\[\]]*)\])?", expression):
+            names = [host + text + suffix for host in names for suffix in _expand_bracket(hostlist, name, bracket)]
+        hosts += names
+    return hosts
+
+
+def _split_top_level(hostlist: str, name: str) -> list[str]:
+    """Split at commas outside brackets; check the brackets balance."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(hostlist + ","):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth not in (0, 1):
+            raise LaunchEnvError(f"{name}={hostlist!r}: unbalanced brackets")
+        if char == "," and depth == 0:
+            parts.append(hostlist[start:i].strip())
+            start = i + 1
+    if depth != 0 or any(not part or part.startswith("[") for part in parts):
+        raise LaunchEnvError(f"{name}={hostlist!r} is not a Slurm hostlist like 'node[01-04,07]'")
+    return parts
+
+
+def _expand_bracket(hostlist: str, name: str, bracket: str) -> list[str]:
+    if not bracket:
+        return [""]
+    out: list[str] = []
+    for item in bracket.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", item)
+        if match is None or (match.group(2) is not None and int(match.group(2)) < int(match.group(1))):
+            raise LaunchEnvError(f"{name}={hostlist!r}: bad range {item!r} in [{bracket}]")
+        low, high = match.group(1), match.group(2) or match.group(1)
+        out += [str(number).zfill(len(low)) for number in range(int(low), int(high) + 1)]
+    return out
+
+
+def cuda_device_index(local_rank: int, local_world_size: int, device_count: int) -> int:
+    """The GPU of this process: one per local rank, or the only visible one when Slurm binds one GPU per task.
+
+    Raises:
+        LaunchEnvError: Fewer visible GPUs than local ranks (and more than one visible).
+    """
+    if device_count >= local_world_size:
+        return local_rank
+    if device_count == 1:
+        return 0  # e.g. srun --gpus-per-task=1: CUDA_VISIBLE_DEVICES holds this task's GPU only
+    raise LaunchEnvError(
+        f"{local_world_size} processes on this host but {device_count} visible CUDA devices: one GPU per local rank "
+        "(or exactly one visible GPU per process) is needed"
+    )
+
+
+def init_distributed(env: RunEnv, backend: str = "auto", timeout_s: float = 1800.0, *, force: bool = False) -> str:
+    """Select this rank's GPU and join the default process group; return the backend name.
+
+    Args:
+        env: From `detect_env`.
+        backend: ``"auto"`` (nccl when CUDA is available, else gloo), ``"nccl"``, ``"gloo"`` or ``"mpi"``.
+        timeout_s: Collective and rendezvous timeout in seconds.
+        force: Start a process group even with world size 1 (by default a single process starts none, and
+            the library runs its world-size-1 path).
+
+    On CUDA, ``torch.cuda.set_device`` selects `cuda_device_index` first. Rendezvous is ``env.init_method``
+    (``tcp://master:port``); the ``mpi`` backend takes rank and size from MPI itself.
+
+    Raises:
+        LaunchEnvError: Unknown backend, nccl without CUDA, or too few GPUs.
+        RuntimeError: A default process group already exists.
+    """
+    if backend not in BACKENDS:
+        raise LaunchEnvError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    if timeout_s <= 0:
+        raise LaunchEnvError(f"timeout_s={timeout_s} must be > 0")
+    cuda = torch.cuda.is_available()
+    resolved = ("nccl" if cuda else "gloo") if backend == "auto" else backend
+    if resolved == "nccl" and not (cuda and dist.is_nccl_available()):
+        raise LaunchEnvError("backend='nccl' needs CUDA and NCCL, which this torch lacks here; use 'gloo' or 'auto'")
+    if resolved == "mpi" and not dist.is_mpi_available():
+        raise LaunchEnvError("backend='mpi' needs a torch built with MPI, which this one is not; use 'gloo' or 'auto'")
+    device = None
+    if cuda:
+        device = torch.device(
+            "cuda", cuda_device_index(env.local_rank, env.local_world_size, torch.cuda.device_count())
+        )
+        torch.cuda.set_device(device)
+    if env.world_size == 1 and not force:
+        return resolved
+    if dist.is_initialized():
+        raise RuntimeError("init_distributed: a default process group is already initialized")
+    timeout = timedelta(seconds=timeout_s)
+    if resolved == "mpi":
+        dist.init_process_group("mpi", timeout=timeout)
+    else:
+        dist.init_process_group(
+            resolved,
+            init_method=env.init_method,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timeout,
+            device_id=device if resolved == "nccl" else None,
+        )
+    return resolved
+
+
+def shutdown_distributed() -> None:
+    """Destroy the default process group if one exists (safe to call when none does)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

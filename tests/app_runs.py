@@ -1,0 +1,93 @@
+"""Run the training application as users do (a plain process, torchrun, env vars shaped like srun's) and check
+every process's exit code; a run that outlives its timeout is killed and fails the test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for name in list(env):  # a test must not inherit a launcher's identity
+        if name.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_")) or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            del env[name]
+    env.update(extra or {})
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_single(args: Sequence[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python -m launch.train ARGS`` as one plain process."""
+    command = [sys.executable, "-m", "launch.train", *args]
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_torchrun(args: Sequence[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc_per_node=N -m launch.train ARGS`` (torchrun fails if any rank fails)."""
+    command = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "launch.train", *args]
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_slurm_shaped(
+    args: Sequence[str], ntasks: int = 2, timeout: float = 300
+) -> list[subprocess.CompletedProcess[str]]:
+    """N plain processes with the variables ``srun -N1 -n N`` sets; returns each one's result (rank order)."""
+    port = str(free_port())
+    processes = []
+    for rank in range(ntasks):
+        extra = {
+            "SLURM_PROCID": str(rank),
+            "SLURM_NTASKS": str(ntasks),
+            "SLURM_LOCALID": str(rank),
+            "SLURM_NODEID": "0",
+            "SLURM_STEP_ID": "0",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NODELIST": "localhost",
+            "SLURM_STEP_NODELIST": "localhost",
+            "SLURM_TASKS_PER_NODE": str(ntasks),
+            "SLURM_STEP_TASKS_PER_NODE": str(ntasks),
+            "SLURM_NNODES": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        command = [sys.executable, "-m", "launch.train", *args]
+        processes.append(
+            subprocess.Popen(
+                command, cwd=REPO, env=_env(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    results = []
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    return results
+
+
+def explain(result: subprocess.CompletedProcess[str]) -> str:
+    """Exit code and output tails, for assertion messages."""
+    return f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-3000:]}\n--- stderr ---\n{result.stderr[-3000:]}"
+
+
+def final_accuracy(output: str) -> float:
+    """The value of the ``final test accuracy:`` line."""
+    lines = [line for line in output.splitlines() if line.startswith("final test accuracy:")]
+    assert len(lines) == 1, output
+    return float(lines[0].split(":")[1])
