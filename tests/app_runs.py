@@ -91,3 +91,9 @@ def final_accuracy(output: str) -> float:
     lines = [line for line in output.splitlines() if line.startswith("final test accuracy:")]
     assert len(lines) == 1, output
     return float(lines[0].split(":")[1])
+
+
+def run_mpiexec(args: Sequence[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``mpiexec -n N python -m launch.train ARGS`` with the MPICH from pip (exits non-zero if any rank fails)."""
+    command = [str(BIN / "mpiexec"), "-n", str(nproc), sys.executable, "-m", "launch.train", *args]
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)

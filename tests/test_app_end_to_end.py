@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from app_runs import explain, final_accuracy, run_single, run_slurm_shaped, run_torchrun
+from app_runs import BIN, explain, final_accuracy, run_mpiexec, run_single, run_slurm_shaped, run_torchrun
 from data_fakes import write_fake_cifar10
 
 from launch.metrics import read_metrics
@@ -24,11 +24,21 @@ def test_mnist_under_torchrun_two_ranks_reaches_accuracy(tmp_path: Path) -> None
 
 
 def test_slurm_shaped_ranks_run_the_same_job(tmp_path: Path) -> None:
-    results = run_slurm_shaped([f"logging.dir={tmp_path}", "training.epochs=1"])
+    results = run_slurm_shaped([f"logging.dir={tmp_path}", "training.epochs=1", "logging.tensorboard=true"])
     for rank, result in enumerate(results):
         assert result.returncode == 0, f"rank {rank}: {explain(result)}"
     assert final_accuracy(results[0].stdout) > 0.9
     assert "final test accuracy" not in results[1].stdout  # only rank 0 reports
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+def test_mpiexec_two_ranks_run_the_same_job(tmp_path: Path) -> None:
+    if not (BIN / "mpiexec").exists():
+        pytest.skip("mpiexec (pip package mpich) is not installed")
+    result = run_mpiexec([f"logging.dir={tmp_path}", "training.epochs=1"])
+    assert result.returncode == 0, explain(result)
+    assert final_accuracy(result.stdout) > 0.9
+    assert int(read_metrics(tmp_path / "metrics.csv")[0]["bytes_sent"]) > 0  # two ranks really exchanged factors
 
 
 def test_resnet50_on_synthetic_imagefolder_takes_kfac_steps(tmp_path: Path) -> None:
