@@ -44,14 +44,16 @@ class FactorAccumulator:
         """Whether both an input and an output gradient were captured."""
         return self.a_sum is not None and self.g_sum is not None
 
-    def batch_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The normalised batch factors ``(A, G)`` of this step."""
-        assert self.a_sum is not None and self.g_sum is not None
-        return self.a_sum / self.rows, self.g_sum / self.examples
+    def take_batch_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised batch factors ``(A, G)`` of this step; the sums are released (the counters stay).
 
-    def nbytes(self) -> int:
-        """Bytes held by the two sums."""
-        return sum(t.numel() * t.element_size() for t in (self.a_sum, self.g_sum) if t is not None)
+        The caller hands them to the factor reduction, which copies them into its buckets, so a layer's
+        full-square sums live only until backward finishes the layer, not until the end of the step.
+        """
+        assert self.a_sum is not None and self.g_sum is not None
+        factors = self.a_sum / self.rows, self.g_sum / self.examples
+        self.a_sum = self.g_sum = None
+        return factors
 
     def clear(self) -> None:
         """Forget this step's contributions."""

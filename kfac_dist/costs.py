@@ -3,31 +3,33 @@
 This is what ``kfac-dist plan`` prints, and the byte counts the `Communicator` records in a real run must
 equal these numbers exactly. Pure Python: no tensors, no torch.
 
-Byte convention (payload, algorithm-agnostic, per rank; ``n`` = payload bytes, ``k`` = group size):
-
-- allreduce over a group: every member sent ``n`` and received ``n`` (0 if ``k == 1``);
-- reduce to dst: every member but dst sent ``n``; dst received ``n * (k - 1)``;
-- broadcast from src: src sent ``n * (k - 1)``; every other member received ``n``.
-
-Traffic of one K-FAC step, per layer (``a``, ``g`` = factor sides, ``b`` = blocks, W = world size, G = grad
-workers per layer). Categories are the ``category`` names of the Communicator calls:
+Bytes are counted per fusion bucket, exactly as a run sends them: each phase's entries
+(:mod:`kfac_dist.entries`, the lists the runtime uses) are laid out into buckets by
+:func:`~kfac_dist.comm.layout.build_buckets` with the same ``bucket_cap_mb``, ``symmetric_comm`` and element
+size, and every rank of a bucket's group is charged :func:`~kfac_dist.comm.accounting.collective_bytes` of
+that bucket (the bandwidth-optimal alpha-beta model; not linear in the size, hence per bucket). Categories are
+the ``category`` names of the Communicator calls (``a``, ``g`` = factor sides, ``b`` = blocks, W = world
+size, G = grad workers per layer):
 
 - ``"factor_reduce"`` (factor steps): with ``factor_comm="owner"`` the batch factors A and G are reduced
-  (averaged) to the layer's owner over the world; with ``"allreduce"`` (KAISA) they are allreduced over the
-  world. Payload ``b * (tri(a) + tri(g))`` elements of ``factor_bytes``, where ``tri(n) = n(n+1)/2`` with
-  ``symmetric_comm`` (upper triangles) and ``n^2`` without; a diagonal A is ``a`` elements either way.
-- ``"decomposition_broadcast"`` (inverse steps, only if ``G > 1``): the owner broadcasts to its G-1 fellow
-  grad workers ``b * (a^2 + a + g^2 + g)`` elements (``compute_method="eigen"``: Q_A, l_A, Q_G, l_G;
-  eigenvectors are never packed) or ``b * (tri(a) + tri(g))`` (``"inverse"``: A^-1, G^-1) of ``inv_bytes``; a
-  diagonal A sends only its ``a`` values (eigen: no Q_A).
+  (averaged) to the layer's owner over the world, one fused reduce per owner; with ``"allreduce"`` (KAISA) they
+  are allreduced over the world. ``b * (tri(a) + tri(g))`` elements of ``factor_bytes`` per layer, where
+  ``tri(n) = n(n+1)/2`` with ``symmetric_comm`` (upper triangles) and ``n^2`` without; a diagonal A is ``a``
+  elements either way.
+- ``"decomposition_broadcast"`` (inverse steps, only if ``G > 1``): the owner broadcasts inside the grad-worker
+  group ``b * (a^2 + a + g^2 + g)`` elements (``compute_method="eigen"``: Q_A, l_A, Q_G, l_G; eigenvectors
+  are never packed) or ``b * (tri(a) + tri(g))`` (``"inverse"``: A^-1, G^-1) of ``inv_bytes``; a diagonal A
+  sends only its ``a`` values (eigen: no Q_A).
 - ``"gradient_broadcast"`` (every step, only if ``G < W``): for each ``(src, receivers)`` of the plan, ``src``
   broadcasts ``grad_numel`` elements of ``grad_bytes`` to the receivers.
 
-Memory (:func:`memory_bytes`, full square storage): ``"factors"`` the running averages A, G (a diagonal A as
-its diagonal) in ``factor_bytes``, held by the owner (``"owner"``) or by every rank (``"allreduce"``);
+Memory (:func:`memory_bytes`): ``"factors"`` the running averages A, G (full square; a diagonal A as its
+diagonal) in ``factor_bytes``, held by the owner (``"owner"``) or by every rank (``"allreduce"``);
 ``"decompositions"`` held by every grad worker in ``inv_bytes`` (eigen: ``Q_A, l_A, Q_G, l_G``; inverse:
-``A^-1, G^-1``); ``"buffers"`` the batch contributions of A and G of every layer, held by every rank during a
-factor step, in ``factor_bytes``.
+``A^-1, G^-1``, full square); ``"buffers"`` the fusion buckets of the factor reduction (every rank holds all of
+them during a factor step: the sum of their sizes times ``factor_bytes``, packed with ``symmetric_comm``). A
+layer's full-square batch sums are freed as soon as backward copies them into the buckets, so they are not
+counted.
 """
 
 from __future__ import annotations
@@ -37,9 +39,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+from kfac_dist.comm.accounting import collective_bytes
+from kfac_dist.comm.layout import Bucket, FusionEntry, build_buckets
+from kfac_dist.entries import (
+    CATEGORIES,
+    DECOMPOSITION_BROADCAST,
+    FACTOR_REDUCE,
+    GRADIENT_BROADCAST,
+    decomposition_entries,
+    factor_entries,
+    gradient_entries,
+)
 from kfac_dist.placement import LayerShape, Plan, compute_cost
 
-CATEGORIES = ("factor_reduce", "decomposition_broadcast", "gradient_broadcast")
+#: The preconditioner's default ``bucket_cap_mb``.
+DEFAULT_BUCKET_CAP_MB = 25.0
 MEMORY_CATEGORIES = ("factors", "decompositions", "buffers")
 COMPUTE_METHODS = ("eigen", "inverse")
 FACTOR_COMMS = ("owner", "allreduce")
@@ -86,6 +100,11 @@ def _check_positive_int(option: str, value: object) -> None:
         raise ValueError(f"{option} must be an integer >= 1; got {value!r}")
 
 
+def _check_bucket_cap(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"bucket_cap_mb must be a number > 0; got {value!r}")
+
+
 def _check_flags(**flags: object) -> None:
     for option, value in flags.items():
         if not isinstance(value, bool):
@@ -106,6 +125,21 @@ def _empty_traffic(world_size: int) -> Traffic:
     return {r: {c: {"sent": 0, "received": 0} for c in CATEGORIES} for r in range(world_size)}
 
 
+def _buckets(entries: Sequence[FusionEntry], element_size: int, symmetric_comm: bool, cap: float) -> tuple[Bucket, ...]:
+    """The buckets :class:`~kfac_dist.comm.fusion.FusionPlan` lays `entries` out in at run time."""
+    return build_buckets(entries, element_size=element_size, bucket_cap_mb=cap, symmetric_comm=symmetric_comm)
+
+
+def _charge(out: Traffic, category: str, buckets: Sequence[Bucket], element_size: int) -> None:
+    """Add to every rank the bytes it sends and receives in the collectives of `buckets`."""
+    for bucket in buckets:
+        target, n = bucket.target, bucket.numel * element_size
+        for rank in target.group:
+            sent, received = collective_bytes(target.op.value, n, target.group, rank, target.root)
+            out[rank][category]["sent"] += sent
+            out[rank][category]["received"] += received
+
+
 def step_bytes(
     plan: Plan,
     layers: Sequence[LayerShape],
@@ -115,6 +149,7 @@ def step_bytes(
     compute_method: str = "eigen",
     factor_comm: str = "owner",
     symmetric_comm: bool = True,
+    bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
     factor_bytes: int = 4,
     inv_bytes: int = 4,
     grad_bytes: int = 4,
@@ -129,6 +164,7 @@ def step_bytes(
         compute_method: ``"eigen"`` or ``"inverse"``.
         factor_comm: ``"owner"`` (reduce to the owner) or ``"allreduce"`` (KAISA).
         symmetric_comm: send symmetric matrices as upper triangles.
+        bucket_cap_mb: the fusion bucket cap in MiB (the preconditioner's ``bucket_cap_mb``).
         factor_bytes: bytes per factor element.
         inv_bytes: bytes per decomposition element.
         grad_bytes: bytes per gradient element.
@@ -140,40 +176,21 @@ def step_bytes(
     _check_choice("compute_method", compute_method, COMPUTE_METHODS)
     _check_choice("factor_comm", factor_comm, FACTOR_COMMS)
     _check_flags(factor_step=factor_step, inverse_step=inverse_step, symmetric_comm=symmetric_comm)
+    _check_bucket_cap(bucket_cap_mb)
     _check_positive_int("factor_bytes", factor_bytes)
     _check_positive_int("inv_bytes", inv_bytes)
     _check_positive_int("grad_bytes", grad_bytes)
     shapes = _shapes_in_plan_order(plan, layers)
-    w = plan.world_size
-    out = _empty_traffic(w)
-
-    def add(rank: int, category: str, sent: int, received: int) -> None:
-        out[rank][category]["sent"] += sent
-        out[rank][category]["received"] += received
-
-    for lp, shape in zip(plan.layers, shapes, strict=True):
-        if factor_step and w > 1:
-            n = factor_comm_numel(shape, symmetric_comm=symmetric_comm) * factor_bytes
-            for r in range(w):
-                if factor_comm == "allreduce":
-                    add(r, "factor_reduce", n, n)
-                elif r == lp.owner:
-                    add(r, "factor_reduce", 0, n * (w - 1))
-                else:
-                    add(r, "factor_reduce", n, 0)
-        if inverse_step and len(lp.grad_workers) > 1:
-            n = decomposition_comm_numel(shape, compute_method=compute_method, symmetric_comm=symmetric_comm)
-            n *= inv_bytes
-            for r in lp.grad_workers:
-                if r == lp.owner:
-                    add(r, "decomposition_broadcast", n * (len(lp.grad_workers) - 1), 0)
-                else:
-                    add(r, "decomposition_broadcast", 0, n)
-        n = shape.grad_numel * grad_bytes
-        for src, receivers in lp.grad_broadcasts:
-            add(src, "gradient_broadcast", n * len(receivers), 0)
-            for r in receivers:
-                add(r, "gradient_broadcast", 0, n)
+    out = _empty_traffic(plan.world_size)
+    phases: list[tuple[str, list[FusionEntry], int]] = []
+    if factor_step:
+        phases.append((FACTOR_REDUCE, factor_entries(plan, shapes, factor_comm), factor_bytes))
+    if inverse_step:
+        phases.append((DECOMPOSITION_BROADCAST, decomposition_entries(plan, shapes, compute_method), inv_bytes))
+    gradients = gradient_entries(plan, shapes, {s.name: (s.grad_numel,) for s in shapes})
+    phases.append((GRADIENT_BROADCAST, gradients, grad_bytes))
+    for category, entries, element_size in phases:
+        _charge(out, category, _buckets(entries, element_size, symmetric_comm, bucket_cap_mb), element_size)
     return out
 
 
@@ -186,6 +203,7 @@ def amortised_bytes(
     compute_method: str = "eigen",
     factor_comm: str = "owner",
     symmetric_comm: bool = True,
+    bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
     factor_bytes: int = 4,
     inv_bytes: int = 4,
     grad_bytes: int = 4,
@@ -204,6 +222,7 @@ def amortised_bytes(
         compute_method: as in :func:`step_bytes`.
         factor_comm: as in :func:`step_bytes`.
         symmetric_comm: as in :func:`step_bytes`.
+        bucket_cap_mb: as in :func:`step_bytes`.
         factor_bytes: as in :func:`step_bytes`.
         inv_bytes: as in :func:`step_bytes`.
         grad_bytes: as in :func:`step_bytes`.
@@ -230,6 +249,7 @@ def amortised_bytes(
             compute_method=compute_method,
             factor_comm=factor_comm,
             symmetric_comm=symmetric_comm,
+            bucket_cap_mb=bucket_cap_mb,
             factor_bytes=factor_bytes,
             inv_bytes=inv_bytes,
             grad_bytes=grad_bytes,
@@ -247,6 +267,8 @@ def memory_bytes(
     *,
     factor_comm: str = "owner",
     compute_method: str = "eigen",
+    symmetric_comm: bool = True,
+    bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
     factor_bytes: int = 4,
     inv_bytes: int = 4,
 ) -> dict[int, dict[str, int]]:
@@ -257,6 +279,8 @@ def memory_bytes(
         layers: the shapes of the plan's layers (any order).
         factor_comm: ``"owner"`` (factors live on the owner) or ``"allreduce"`` (on every rank).
         compute_method: ``"eigen"`` or ``"inverse"``.
+        symmetric_comm: the factor-reduction buckets hold upper triangles.
+        bucket_cap_mb: the fusion bucket cap in MiB.
         factor_bytes: bytes per factor element.
         inv_bytes: bytes per decomposition element.
 
@@ -265,6 +289,8 @@ def memory_bytes(
     """
     _check_choice("compute_method", compute_method, COMPUTE_METHODS)
     _check_choice("factor_comm", factor_comm, FACTOR_COMMS)
+    _check_flags(symmetric_comm=symmetric_comm)
+    _check_bucket_cap(bucket_cap_mb)
     _check_positive_int("factor_bytes", factor_bytes)
     _check_positive_int("inv_bytes", inv_bytes)
     shapes = _shapes_in_plan_order(plan, layers)
@@ -272,12 +298,15 @@ def memory_bytes(
     for lp, shape in zip(plan.layers, shapes, strict=True):
         factors = factor_storage_numel(shape) * factor_bytes
         for r in range(plan.world_size):
-            out[r]["buffers"] += factors
             if factor_comm == "allreduce" or r == lp.owner:
                 out[r]["factors"] += factors
         decomposition = decomposition_storage_numel(shape, compute_method=compute_method) * inv_bytes
         for r in lp.grad_workers:
             out[r]["decompositions"] += decomposition
+    entries = factor_entries(plan, shapes, factor_comm)
+    for bucket in _buckets(entries, factor_bytes, symmetric_comm, bucket_cap_mb):
+        for r in bucket.target.group:
+            out[r]["buffers"] += bucket.numel * factor_bytes
     return out
 
 

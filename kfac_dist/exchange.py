@@ -9,24 +9,34 @@
 3. gradient broadcast (every step): each grad worker broadcasts the preconditioned gradients it computed to the
    ranks the plan assigns it (only when a layer has fewer grad workers than ranks).
 
-Every collective is fused (``bucket_cap_mb``) and symmetric tensors travel as upper triangles
-(``symmetric_comm``). This module moves tensors; it does no K-FAC math and knows no module.
+What each exchange sends, in which order, is :mod:`kfac_dist.entries` (shared with the closed form of
+:mod:`kfac_dist.costs`). Every collective is fused (``bucket_cap_mb``) and symmetric tensors travel as upper
+triangles (``symmetric_comm``). This module moves tensors; it does no K-FAC math and knows no module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from kfac_dist.comm import CollectiveOp, Communicator, FusionEntry, FusionPlan, FusionStep, Target
 from kfac_dist.curvature import Decomposition, EigenDecomposition, InverseDecomposition
+from kfac_dist.entries import (
+    DECOMPOSITION_BROADCAST,
+    FACTOR_REDUCE,
+    GRADIENT_BROADCAST,
+    Field,
+    decomposition_entries,
+    decomposition_fields,
+    factor_entries,
+    factor_fields,
+    gradient_entries,
+)
 from kfac_dist.placement import LayerShape, Plan
 
-FACTOR_REDUCE = "factor_reduce"
-DECOMPOSITION_BROADCAST = "decomposition_broadcast"
-GRADIENT_BROADCAST = "gradient_broadcast"
 STATE_GATHER = "state_gather"
 
 
@@ -44,25 +54,6 @@ class ExchangeOptions:
     device: torch.device
 
 
-def _a_shape(shape: LayerShape) -> tuple[int, ...]:
-    if shape.a_diagonal:
-        return (shape.blocks, shape.a_side)
-    return (shape.blocks, shape.a_side, shape.a_side)
-
-
-def _g_shape(shape: LayerShape) -> tuple[int, ...]:
-    return (shape.blocks, shape.g_side, shape.g_side)
-
-
-def _decomposition_entries(shape: LayerShape, method: str) -> list[tuple[str, tuple[int, ...], bool]]:
-    """(field, shape, symmetric) of each tensor of a layer's decomposition, in a fixed order."""
-    b, n, m = shape.blocks, shape.a_side, shape.g_side
-    if method == "eigen":
-        fields = [] if shape.a_diagonal else [("q_a", (b, n, n), False)]
-        return [*fields, ("l_a", (b, n), False), ("q_g", (b, m, m), False), ("l_g", (b, m), False)]
-    return [("a_inv", _a_shape(shape), not shape.a_diagonal), ("g_inv", _g_shape(shape), True)]
-
-
 class Exchange:
     """Fused, plan-driven communication of one rank.
 
@@ -72,6 +63,10 @@ class Exchange:
         grad_shapes: each layer's gradient matrix shape ``(b, m, n)``.
         comm: the communicator (its groups must include ``plan.groups()``).
         options: see :class:`ExchangeOptions`.
+
+    Attributes:
+        factor_buffer_bytes: bytes of this rank's fusion buckets of the last factor reduction (0 before the
+            first): the K-FAC buffer memory of a factor step.
     """
 
     def __init__(
@@ -87,61 +82,29 @@ class Exchange:
         self.options = options
         self._shapes = {s.name: s for s in shapes}
         self._grad_shapes = dict(grad_shapes)
-        self._factor_plan = self._build_factor_plan(shapes)
-        self._decomposition_plan = self._build_decomposition_plan(shapes)
-        self._gradient_plan = self._build_gradient_plan(shapes)
-        self._state_plan = self._build_state_plan(shapes)
-        self._decomposition_state_plan = self._build_decomposition_state_plan(shapes)
+        factor_dtype, inv_dtype = options.factor_dtype, options.inv_dtype
+        self._factor_plan = self._fusion(factor_entries(plan, shapes, options.factor_comm), factor_dtype)
+        self._decomposition_plan = self._fusion(decomposition_entries(plan, shapes, options.compute_method), inv_dtype)
+        self._gradient_plan = self._fusion(gradient_entries(plan, shapes, grad_shapes), options.grad_dtype)
+        self._state_plan = self._gather_plan(shapes, factor_fields, factor_dtype)
+        self._decomposition_state_plan = self._gather_plan(
+            shapes, partial(decomposition_fields, method=options.compute_method), inv_dtype
+        )
         self._factor_step: FusionStep | None = None
+        self.factor_buffer_bytes = 0
 
     # ------------------------------------------------------------------------------------------- layouts
-    def _build_factor_plan(self, shapes: Sequence[LayerShape]) -> FusionPlan:
-        entries = []
-        for shape in reversed(shapes):
-            owner = self.plan.layer(shape.name).owner
-            if self.options.factor_comm == "owner":
-                target = Target(CollectiveOp.REDUCE, self.comm.world, root=owner, average=True)
-            else:
-                target = Target(CollectiveOp.ALLREDUCE, self.comm.world, average=True)
-            entries.append(FusionEntry(f"{shape.name}/A", _a_shape(shape), target, symmetric=not shape.a_diagonal))
-            entries.append(FusionEntry(f"{shape.name}/G", _g_shape(shape), target, symmetric=True))
-        return self._fusion(entries, self.options.factor_dtype)
-
-    def _build_decomposition_plan(self, shapes: Sequence[LayerShape]) -> FusionPlan:
-        entries = []
-        for shape in shapes:
-            layer = self.plan.layer(shape.name)
-            if len(layer.grad_workers) == 1:
-                continue
-            target = Target(CollectiveOp.BROADCAST, layer.grad_workers, root=layer.owner)
-            for field, tensor_shape, symmetric in _decomposition_entries(shape, self.options.compute_method):
-                entries.append(FusionEntry(f"{shape.name}/{field}", tensor_shape, target, symmetric=symmetric))
-        return self._fusion(entries, self.options.inv_dtype)
-
-    def _build_gradient_plan(self, shapes: Sequence[LayerShape]) -> FusionPlan:
-        entries = []
-        for shape in shapes:
-            for src, receivers in self.plan.layer(shape.name).grad_broadcasts:
-                target = Target(CollectiveOp.BROADCAST, (src, *receivers), root=src)
-                entries.append(FusionEntry(f"{shape.name}@{src}", self._grad_shapes[shape.name], target))
-        return self._fusion(entries, self.options.grad_dtype)
-
-    def _build_state_plan(self, shapes: Sequence[LayerShape]) -> FusionPlan:
-        target = Target(CollectiveOp.ALLREDUCE, self.comm.world)
-        entries = []
-        for shape in shapes:
-            entries.append(FusionEntry(f"{shape.name}/A", _a_shape(shape), target, symmetric=not shape.a_diagonal))
-            entries.append(FusionEntry(f"{shape.name}/G", _g_shape(shape), target, symmetric=True))
-        return self._fusion(entries, self.options.factor_dtype)
-
-    def _build_decomposition_state_plan(self, shapes: Sequence[LayerShape]) -> FusionPlan:
+    def _gather_plan(
+        self, shapes: Sequence[LayerShape], fields: Callable[[LayerShape], list[Field]], dtype: torch.dtype
+    ) -> FusionPlan:
+        """A state gather: every field of every layer, allreduced (summed) over the world."""
         target = Target(CollectiveOp.ALLREDUCE, self.comm.world)
         entries = [
             FusionEntry(f"{shape.name}/{field}", tensor_shape, target, symmetric=symmetric)
             for shape in shapes
-            for field, tensor_shape, symmetric in _decomposition_entries(shape, self.options.compute_method)
+            for field, tensor_shape, symmetric in fields(shape)
         ]
-        return self._fusion(entries, self.options.inv_dtype)
+        return self._fusion(entries, dtype)
 
     def _fusion(self, entries: list[FusionEntry], dtype: torch.dtype) -> FusionPlan:
         return FusionPlan.build(
@@ -170,6 +133,7 @@ class Exchange:
         """Finish the factor reduction; the averaged batch factors of the layers this rank keeps."""
         step = self._factor_step or self._step(self._factor_plan, FACTOR_REDUCE)
         self._factor_step = None
+        self.factor_buffer_bytes = step.nbytes
         step.flush()
         results = step.wait()
         return {name: (results[f"{name}/A"], results[f"{name}/G"]) for name in self._shapes if self.keeps_factors(name)}
@@ -196,7 +160,7 @@ class Exchange:
         step = self._step(self._decomposition_state_plan, STATE_GATHER)
         for name, decomposition in owned.items():
             if decomposition is not None and self.plan.layer(name).owner == self.comm.rank:
-                fields = _decomposition_entries(self._shapes[name], self.options.compute_method)
+                fields = decomposition_fields(self._shapes[name], self.options.compute_method)
                 for (field, _, _), tensor in zip(fields, decomposition.tensors(), strict=True):
                     step.add(f"{name}/{field}", tensor)
         step.flush()
@@ -205,13 +169,13 @@ class Exchange:
         for name in self._shapes:
             decomposition = self._assemble(name, results)
             if decomposition is not None:
-                fields = _decomposition_entries(self._shapes[name], self.options.compute_method)
+                fields = decomposition_fields(self._shapes[name], self.options.compute_method)
                 gathered[name] = {f: t for (f, _, _), t in zip(fields, decomposition.tensors(), strict=True)}
         return gathered
 
     def decomposition_from_fields(self, name: str, fields: Mapping[str, torch.Tensor]) -> Decomposition | None:
         """Rebuild a decomposition saved by :meth:`gather_decompositions`; None if it does not fit this run."""
-        expected = _decomposition_entries(self._shapes[name], self.options.compute_method)
+        expected = decomposition_fields(self._shapes[name], self.options.compute_method)
         if {f for f, _, _ in expected} != set(fields) or any(
             tuple(fields[f].shape) != shape for f, shape, _ in expected
         ):
@@ -230,7 +194,7 @@ class Exchange:
         for name, decomposition in owned.items():
             if decomposition is None or len(self.plan.layer(name).grad_workers) == 1:
                 continue
-            fields = _decomposition_entries(self._shapes[name], self.options.compute_method)
+            fields = decomposition_fields(self._shapes[name], self.options.compute_method)
             for (field, _, _), tensor in zip(fields, decomposition.tensors(), strict=True):
                 step.add(f"{name}/{field}", tensor)
         step.flush()

@@ -12,7 +12,7 @@ Step ``k`` reduces factors when ``k % factor_update_steps == 0`` and decomposes 
 The kinds of step (:data:`STEP_KINDS`): ``"factor"`` (factors only), ``"inverse"`` (factors and decompositions,
 as step 0), ``"inverse_only"`` (decompositions without a factor step; only when the inverse period is not a multiple
 of the factor period) and ``"plain"`` (preconditioning only). A rank's traffic is its sent plus received bytes
-(payload convention of :mod:`kfac_dist.costs`).
+(per fusion bucket, in the bandwidth-optimal model of :mod:`kfac_dist.comm.accounting`; see :mod:`kfac_dist.costs`).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class PlanOptions:
         factor_comm: ``"owner"`` or ``"allreduce"`` (KAISA).
         symmetric_comm: send symmetric matrices as upper triangles.
         compute_method: ``"eigen"`` or ``"inverse"``.
+        bucket_cap_mb: fusion bucket cap in MiB (> 0).
         factor_update_steps: steps between factor updates (>= 1).
         inv_update_steps: steps between decompositions (>= 1).
         skip_layers: glob patterns of modules (names or class names) not to precondition.
@@ -68,6 +69,7 @@ class PlanOptions:
     factor_comm: str = "owner"
     symmetric_comm: bool = True
     compute_method: str = "eigen"
+    bucket_cap_mb: float = costs.DEFAULT_BUCKET_CAP_MB
     factor_update_steps: int = 1
     inv_update_steps: int = 1
     skip_layers: tuple[str, ...] = ()
@@ -82,6 +84,9 @@ class PlanOptions:
         check_choice("factor_comm", self.factor_comm, FACTOR_COMMS)
         check_choice("compute_method", self.compute_method, COMPUTE_METHODS)
         check_flag("symmetric_comm", self.symmetric_comm)
+        value = self.bucket_cap_mb
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ValueError(f"bucket_cap_mb must be a number > 0; got {value!r}")
         object.__setattr__(self, "skip_layers", check_patterns("skip_layers", self.skip_layers))
         for key in ("factor_update_steps", "inv_update_steps", "factor_bytes", "inv_bytes", "grad_bytes"):
             value = getattr(self, key)
@@ -177,7 +182,7 @@ class PlanReport:
             f"  grad_worker_fraction={self.plan.grad_worker_fraction:.4g} ({self.plan.grad_workers} grad workers per "
             f"layer), assignment={o.assignment}, factor_comm={o.factor_comm}, symmetric_comm={o.symmetric_comm}",
             f"  compute_method={o.compute_method}; bytes per element: factor {o.factor_bytes}, inverse {o.inv_bytes}, "
-            f"gradient {o.grad_bytes}",
+            f"gradient {o.grad_bytes}; bucket_cap_mb={o.bucket_cap_mb:g}",
             f"  factors every {o.factor_update_steps} steps, decompositions every {o.inv_update_steps} "
             "(an inverse step also updates factors, as step 0)",
             f"  per {o.period} steps: {schedule}; {len(self.plan.groups())} process groups; "
@@ -267,6 +272,7 @@ def plan_model(
     factor_comm: str = "owner",
     symmetric_comm: bool = True,
     compute_method: str = "eigen",
+    bucket_cap_mb: float = costs.DEFAULT_BUCKET_CAP_MB,
     factor_update_steps: int = 1,
     inv_update_steps: int = 1,
     skip_layers: Iterable[str] | str = (),
@@ -284,6 +290,7 @@ def plan_model(
         factor_comm: as :class:`PlanOptions`.
         symmetric_comm: as :class:`PlanOptions`.
         compute_method: as :class:`PlanOptions`.
+        bucket_cap_mb: as :class:`PlanOptions`.
         factor_update_steps: as :class:`PlanOptions`.
         inv_update_steps: as :class:`PlanOptions`.
         skip_layers: as :class:`PlanOptions`.
@@ -305,6 +312,7 @@ def plan_model(
         factor_comm=factor_comm,
         symmetric_comm=symmetric_comm,
         compute_method=compute_method,
+        bucket_cap_mb=bucket_cap_mb,
         factor_update_steps=factor_update_steps,
         inv_update_steps=inv_update_steps,
         skip_layers=tuple(check_patterns("skip_layers", skip_layers)),
@@ -327,10 +335,12 @@ def plan_model(
     o = options
     sizes: dict[str, Any] = {
         "compute_method": o.compute_method,
+        "symmetric_comm": o.symmetric_comm,
+        "bucket_cap_mb": o.bucket_cap_mb,
         "factor_bytes": o.factor_bytes,
         "inv_bytes": o.inv_bytes,
     }
-    wire = sizes | {"symmetric_comm": o.symmetric_comm, "grad_bytes": o.grad_bytes}
+    wire = sizes | {"grad_bytes": o.grad_bytes}
     periods: dict[str, Any] = {"factor_update_steps": o.factor_update_steps, "inv_update_steps": o.inv_update_steps}
     return PlanReport(
         model=name,

@@ -153,8 +153,6 @@ class KFACPreconditioner:
         self._forward_passes = 0
         self._passes_this_step = 0
         self._force_inverse = False
-        self._buffer_bytes = 0
-        self._last_buffer_bytes = 0
         self._health = Health()
         self._handles = [self.model.register_forward_pre_hook(self._count_forward_pass)]
         self._handles += [
@@ -223,8 +221,8 @@ class KFACPreconditioner:
             self._send_factors(state)
 
     def _send_factors(self, state: LayerState) -> None:
-        self._buffer_bytes += state.accumulator.nbytes()
-        self._exchange.add_factors(state.name, *state.accumulator.batch_factors())
+        """Copy a finished layer's batch factors into the reduction buckets and free its sums."""
+        self._exchange.add_factors(state.name, *state.accumulator.take_batch_factors())
         state.sent = True
 
     def _loss_scale(self) -> float:
@@ -272,8 +270,6 @@ class KFACPreconditioner:
                 continue
             state.a = curvature.running_average(state.a, a, decay)
             state.g = curvature.running_average(state.g, g, decay)
-        self._last_buffer_bytes = self._buffer_bytes
-        self._buffer_bytes = 0
         for state in self._states.values():
             state.accumulator.clear()
             state.sent = False
@@ -336,14 +332,15 @@ class KFACPreconditioner:
     def memory_usage(self) -> dict[str, int]:
         """Bytes of K-FAC state held on this rank, by category.
 
-        ``factors``: running averages; ``decompositions``: eigenbases/inverses; ``buffers``: the batch-factor
-        sums of the last factor step.
+        ``factors``: running averages; ``decompositions``: eigenbases/inverses; ``buffers``: the fusion buckets
+        of the last factor step's reduction (the batch factors of every layer, packed with ``symmetric_comm``;
+        each layer's full-square sums are freed as soon as they are copied in).
         """
         factors = sum(_nbytes(t) for s in self._states.values() for t in (s.a, s.g) if t is not None)
         decompositions = sum(
             _nbytes(t) for s in self._states.values() if s.decomposition is not None for t in s.decomposition.tensors()
         )
-        return {"factors": factors, "decompositions": decompositions, "buffers": self._last_buffer_bytes}
+        return {"factors": factors, "decompositions": decompositions, "buffers": self._exchange.factor_buffer_bytes}
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{module_name: (A, G)}``: running averages this rank keeps (squeezed for single-block layers)."""

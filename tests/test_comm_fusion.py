@@ -21,6 +21,8 @@ from kfac_dist.comm import (
     LocalCommunicator,
     Target,
     TorchDistCommunicator,
+    build_buckets,
+    collective_bytes,
 )
 
 AR, RED, BC = CollectiveOp.ALLREDUCE, CollectiveOp.REDUCE, CollectiveOp.BROADCAST
@@ -61,6 +63,19 @@ def test_buckets_group_same_targets_respect_the_cap_and_follow_completion_order(
         [("a", 0, 40), ("c", 40, 50), ("d", 90, 20), ("big", 110, 150)],
         [("b", 0, 30), ("e", 30, 1)],
     ]
+
+
+def test_the_layout_is_pure_and_the_cap_counts_bytes() -> None:
+    # The torch-free layout FusionPlan uses: the cap is in bytes, so 8-byte elements fit half as many.
+    target = Target(AR, (0, 1))
+    entries = [FusionEntry(k, (30,), target) for k in "abcd"]
+    assert FusionPlan.build(entries, bucket_cap_mb=_cap(60), dtype=torch.float64).buckets == build_buckets(
+        entries, element_size=8, bucket_cap_mb=_cap(60)
+    )
+    assert [b.numel for b in build_buckets(entries, element_size=4, bucket_cap_mb=_cap(60))] == [60, 60]
+    assert [b.numel for b in build_buckets(entries, element_size=8, bucket_cap_mb=_cap(60))] == [30] * 4
+    with pytest.raises(ValueError, match="element_size must be >= 1"):
+        build_buckets(entries, element_size=0)
 
 
 def test_symmetric_entries_are_packed_when_asked() -> None:
@@ -203,6 +218,7 @@ def test_local_step_round_trip_absent_entries_and_misuse() -> None:
         step.add("A", a)
     with pytest.raises(ValueError, match=r"'S' has shape \(3, 3\), the plan says \(2, 3, 3\)"):
         step.add("S", s[0])
+    assert step.nbytes == 8 * sum(b.numel for b in plan.buckets)  # every bucket of a world of one, float64
     with pytest.raises(KeyError, match="'nope' is not an entry"):
         step.add("nope", v)
     step.add("S", s)
@@ -277,9 +293,10 @@ def _fusion_worker(rank: int, world: int, symmetric_comm: bool) -> int:
             expected = total / len(t.group) if t.average else total
         assert torch.equal(results[e.key], expected), e.key
 
-    # 2. Bytes: exactly the payload convention applied to each bucket this rank takes part in.
+    # 2. Bytes: one collective per bucket this rank takes part in, of the bucket's op, group, root and size.
     mine = [b for b in plan.buckets if rank in b.target.group]
     assert comm.stats() == {"fused": _bytes(mine, rank)}
+    assert step.nbytes == 4 * sum(b.numel for b in mine)  # buffers only for this rank's buckets
 
     # 3. Adds in layout order: each bucket launches (its bytes are counted at launch) the moment its last
     #    entry arrives, with the buckets after it that need nothing from this rank; long before `flush`, so
@@ -303,18 +320,12 @@ def _supplies(bucket: Bucket, rank: int) -> bool:
 
 
 def _bytes(buckets: list[Bucket], rank: int) -> dict[str, int]:
-    """The payload convention, applied by hand to float32 buckets."""
+    """The accounting model applied to each float32 bucket: one collective of the bucket's target."""
     sent = received = 0
     for bucket in buckets:
-        t, n, g = bucket.target, bucket.numel * 4, len(bucket.target.group)
-        if g == 1:
-            continue
-        if t.op is AR:
-            sent, received = sent + n, received + n
-        elif t.op is RED:
-            sent, received = (sent, received + n * (g - 1)) if rank == t.root else (sent + n, received)
-        else:
-            sent, received = (sent + n * (g - 1), received) if rank == t.root else (sent, received + n)
+        t = bucket.target
+        s, r = collective_bytes(t.op, bucket.numel * 4, t.group, rank, t.root)
+        sent, received = sent + s, received + r
     return {"sent": sent, "received": received}
 
 

@@ -1,4 +1,9 @@
-"""Every Communicator operation: exact results and byte counts, at world size 1 (local) and 1-4 (gloo)."""
+"""Every Communicator operation: exact results and byte counts, at world size 1 (local) and 1-4 (gloo).
+
+Byte counts are those of the accounting model (kfac_dist.comm.accounting, tested by hand in
+test_comm_accounting.py): here we check that each operation records exactly that model for its op, group,
+root and size, on every rank.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,15 @@ import pytest
 import torch
 from multiproc import run_multiproc
 
-from kfac_dist.comm import Communicator, LocalCommunicator, TorchDistCommunicator
+from kfac_dist.comm import Communicator, LocalCommunicator, TorchDistCommunicator, collective_bytes
 
-SHAPE = (2, 3)
-NBYTES = 6 * 8  # float64
+SHAPE = (2, 5)
+NBYTES = 10 * 8  # float64; 80 bytes do not split evenly over 3 ranks (chunks 27, 27, 26)
 
 
 def _value(rank: int, salt: int) -> torch.Tensor:
     """Integer-valued float64 data, so sums are exact in any order."""
-    return torch.arange(6, dtype=torch.float64).reshape(SHAPE) + 100 * rank + salt
+    return torch.arange(10, dtype=torch.float64).reshape(SHAPE) + 100 * rank + salt
 
 
 def _groups(world: int) -> list[tuple[int, ...]]:
@@ -37,9 +42,11 @@ def check_ops(comm: Communicator) -> dict[str, dict[str, int]]:
     comm.create_groups(groups[:2])  # already known: a no-op
     expected: dict[str, dict[str, int]] = defaultdict(lambda: {"sent": 0, "received": 0})
 
-    def count(category: str, sent: int, received: int) -> None:
-        expected[category]["sent"] += sent
-        expected[category]["received"] += received
+    def count(op: str, group: tuple[int, ...], root: int | None = None) -> None:
+        """Expect the model's bytes of one `op` (each op's bytes are recorded under a category of its name)."""
+        sent, received = collective_bytes(op, NBYTES, group, rank, root)
+        expected[op]["sent"] += sent
+        expected[op]["received"] += received
 
     for group in groups:
         members = sorted(group)
@@ -51,7 +58,7 @@ def check_ops(comm: Communicator) -> dict[str, dict[str, int]]:
             comm.allreduce(t, group, average=average, category="allreduce").wait()
             total = sum(_value(r, salt) for r in members)
             assert torch.equal(t, total / g if average else total), (group, average)
-            count("allreduce", NBYTES if g > 1 else 0, NBYTES if g > 1 else 0)
+            count("allreduce", group)
         for i, dst in enumerate(members):
             average = i % 2 == 1
             t = _value(rank, 10 + i)
@@ -59,19 +66,17 @@ def check_ops(comm: Communicator) -> dict[str, dict[str, int]]:
             if rank == dst:
                 total = sum(_value(r, 10 + i) for r in members)
                 assert torch.equal(t, total / g if average else total), (group, dst, average)
-                count("reduce", 0, NBYTES * (g - 1))
-            else:
-                count("reduce", NBYTES, 0)
+            count("reduce", group, dst)
         for i, src in enumerate(members):
             t = _value(rank, 20 + i)
             comm.broadcast(t, src, group, category="broadcast").wait()
             assert torch.equal(t, _value(src, 20 + i)), (group, src)
-            count("broadcast", NBYTES * (g - 1) if rank == src else 0, 0 if rank == src else NBYTES)
+            count("broadcast", group, src)
         handle, out = comm.allgather(_value(rank, 30), group, category="allgather")
         handle.wait()
         assert handle.is_completed()
         assert torch.equal(out, torch.stack([_value(r, 30) for r in members])), group
-        count("allgather", NBYTES * (g - 1), NBYTES * (g - 1))
+        count("allgather", group)
 
     stats = comm.stats()
     assert stats == dict(expected)
@@ -152,13 +157,19 @@ def _worker(rank: int, world: int) -> dict[str, dict[str, int]]:
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_torch_dist_ops(world: int) -> None:
     stats = run_multiproc(_worker, world)
-    # Bytes are conserved: what some ranks send, the others receive (allreduce counts the payload each way).
+    # Bytes are conserved: what some ranks send, the others receive.
     for category in ("reduce", "broadcast", "allgather", "allreduce"):
         sent = sum(s[category]["sent"] for s in stats)
         received = sum(s[category]["received"] for s in stats)
         assert sent == received, category
-    if world == 4:  # one spot value by hand: rank 0 broadcasts 48 bytes to 3 ranks in the world group
-        assert stats[0]["broadcast"]["sent"] == 48 * 3 + 48 * 1 + 48 * 1  # world, evens (0, 2), (0, 3)
+    if world == 4:  # spot values by hand: rank 0's broadcasts of 80 bytes in (0, 1, 2, 3), (0, 2) and (0, 3)
+        # world, c = 20: as src 2 (80 - 20) = 120, as each of 3 receivers 80 - 20 = 60; pairs, c = 40: as src
+        # 2 (80 - 40) = 80, as receiver 40.
+        assert stats[0]["broadcast"]["sent"] == (120 + 3 * 60) + 2 * (80 + 40)
+        # received: world 60 as src + 3 * 80 as receiver; pairs 40 as src + 80 as receiver.
+        assert stats[0]["broadcast"]["received"] == (60 + 3 * 80) + 2 * (40 + 80)
+    if world == 3:  # rank 1 (position 1, chunk 27 of 80) in the world group: a reduce to 1 and one to 0, 2
+        assert stats[1]["reduce"] == {"sent": (80 - 27) + 2 * 80, "received": 2 * (80 - 27) + 2 * (80 - 27)}
 
 
 def test_local_communicator_is_world_size_one_with_zero_bytes() -> None:

@@ -55,6 +55,7 @@ def expected_memory(pre: Any, options: dict[str, Any], rank: int) -> dict[str, i
         shapes,
         factor_comm=options["factor_comm"],
         compute_method=options["compute_method"],
+        symmetric_comm=options["symmetric_comm"],
         factor_bytes=8,
         inv_bytes=8,
     )[rank]

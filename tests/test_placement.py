@@ -304,8 +304,8 @@ def test_plan_rejects_broken_data() -> None:
 
 
 def test_placement_imports_no_torch() -> None:
-    for module in ("placement.py", "costs.py"):
-        tree = ast.parse(Path(placement.__file__).with_name(module).read_text())
+    for module in ("placement.py", "costs.py", "entries.py", "comm/layout.py", "comm/accounting.py"):
+        tree = ast.parse((Path(placement.__file__).parent / module).read_text())
         imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         assert not [m for m in imported if m.split(".")[0] == "torch"], module

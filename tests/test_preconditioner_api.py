@@ -314,3 +314,16 @@ def test_works_with_any_optimizer_and_decreases_loss() -> None:
             pre.step()
             optimizer.step()
         assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize(("symmetric_comm", "elements"), [(True, 28 + 15 + 21 + 6), (False, 49 + 25 + 36 + 9)])
+def test_factor_sums_are_freed_once_copied_into_the_buckets(symmetric_comm: bool, elements: int) -> None:
+    model = mlp()
+    pre = KFACPreconditioner(model, symmetric_comm=symmetric_comm)
+    assert pre.memory_usage()["buffers"] == 0  # no factor step yet
+    backward(model)
+    states = pre._states.values()
+    assert all(s.sent and s.accumulator.a_sum is None and s.accumulator.g_sum is None for s in states)
+    pre.step()
+    # The buffers are the factor-reduction buckets: A 7x7, G 5x5, A 6x6, G 3x3 (float32), packed if asked.
+    assert pre.memory_usage()["buffers"] == 4 * elements

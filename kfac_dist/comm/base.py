@@ -7,17 +7,10 @@ for groups of size 1 (no collective at all), averaging on completion, and byte a
 Groups are named by their rank tuple (global ranks, e.g. ``(0, 2)``); ``None`` means the whole world. Ranks in
 a group are canonicalised to increasing order, so ``(2, 0)`` and ``(0, 2)`` name the same group.
 
-Byte accounting (``n`` = bytes of the tensor passed in, ``g`` = group size), recorded on the calling rank
-under the ``category`` given to the call:
-
-========== =========================================== ===========================================
-operation  sent                                        received
-========== =========================================== ===========================================
-allreduce  ``n`` (0 if ``g == 1``)                     ``n`` (0 if ``g == 1``)
-reduce     ``n`` on every rank but dst, 0 on dst       ``n * (g - 1)`` on dst, 0 elsewhere
-broadcast  ``n * (g - 1)`` on src, 0 elsewhere         ``n`` on every rank but src, 0 on src
-allgather  ``n * (g - 1)``                             ``n * (g - 1)``
-========== =========================================== ===========================================
+Byte accounting: every operation records, on the calling rank and under the ``category`` given to the call,
+the bytes :func:`kfac_dist.comm.accounting.collective_bytes` gives for it (the bandwidth-optimal algorithms of
+the alpha-beta model, exact in integers; zero for a group of one rank). ``n`` is the bytes of the tensor passed
+in (for `allgather`: of each rank's tensor).
 
 `create_groups`, `check_same` and `barrier` are control operations and are not counted.
 """
@@ -29,8 +22,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-Group = tuple[int, ...]
-"""A process group, named by the global ranks it holds."""
+from kfac_dist.comm.accounting import collective_bytes
+from kfac_dist.comm.layout import Group, canonical_group
 
 
 class Handle(ABC):
@@ -74,16 +67,6 @@ class PostprocessHandle(Handle):
     def is_completed(self) -> bool:
         """Whether the backend operation finished (the post-processing runs in `wait`)."""
         return self._inner.is_completed()
-
-
-def canonical_group(ranks: Sequence[int]) -> Group:
-    """Return `ranks` as an increasing tuple, rejecting an empty group and repeated ranks."""
-    group = tuple(sorted(int(r) for r in ranks))
-    if not group:
-        raise ValueError("a group must hold at least one rank")
-    if len(set(group)) != len(group):
-        raise ValueError(f"group {tuple(ranks)} names a rank more than once")
-    return group
 
 
 class Communicator(ABC):
@@ -138,11 +121,9 @@ class Communicator(ABC):
     ) -> Handle:
         """Sum (or average) `tensor` over `group`; every member holds the result after `wait`."""
         key = self._member_group(group, tensor)
+        self._record(category, *collective_bytes("allreduce", _nbytes(tensor), key, self._rank))
         if len(key) == 1:
-            self._record(category, 0, 0)
             return CompletedHandle()
-        n = _nbytes(tensor)
-        self._record(category, n, n)
         return self._averaged(self._allreduce(tensor, key), tensor, len(key) if average else 1)
 
     def reduce(
@@ -159,8 +140,7 @@ class Communicator(ABC):
         Only `dst` holds the result after `wait`; the other ranks' tensors are left undefined.
         """
         key = self._member_group(group, tensor, root=dst)
-        n, others = _nbytes(tensor), len(key) - 1
-        self._record(category, 0 if self._rank == dst else n, n * others if self._rank == dst else 0)
+        self._record(category, *collective_bytes("reduce", _nbytes(tensor), key, self._rank, dst))
         if len(key) == 1:
             return CompletedHandle()
         divisor = len(key) if average and self._rank == dst else 1
@@ -169,8 +149,7 @@ class Communicator(ABC):
     def broadcast(self, tensor: torch.Tensor, src: int, group: Sequence[int] | None = None, *, category: str) -> Handle:
         """Copy `tensor` from rank `src` (a global rank) to every other member of `group`."""
         key = self._member_group(group, tensor, root=src)
-        n, others = _nbytes(tensor), len(key) - 1
-        self._record(category, n * others if self._rank == src else 0, 0 if self._rank == src else n)
+        self._record(category, *collective_bytes("broadcast", _nbytes(tensor), key, self._rank, src))
         if len(key) == 1:
             return CompletedHandle()
         return self._broadcast(tensor, src, key)
@@ -184,8 +163,7 @@ class Communicator(ABC):
         tensor of the ``i``-th rank of the (increasing) group, valid after `wait`.
         """
         key = self._member_group(group, tensor)
-        n = _nbytes(tensor) * (len(key) - 1)
-        self._record(category, n, n)
+        self._record(category, *collective_bytes("allgather", _nbytes(tensor), key, self._rank))
         if len(key) == 1:
             return CompletedHandle(), tensor.unsqueeze(0).clone()
         out = tensor.new_empty((len(key), *tensor.shape))

@@ -1,9 +1,10 @@
 """Tensor fusion: many small tensors travel in a few flat buckets, launched while the caller still makes them.
 
-A `FusionPlan` is the bucket layout: plain data, built deterministically from an ordered list of entries
-(`FusionEntry`: key, shape, symmetric?, `Target`), so every rank that builds it from the same list gets the
-same plan. Entries with the same `Target` (same collective, root, group and averaging) share buckets of at
-most `bucket_cap_mb` MiB; an entry larger than the cap gets a bucket of its own.
+A `FusionPlan` is the bucket layout (:mod:`kfac_dist.comm.layout`, pure Python) with the dtype of the buffers:
+plain data, built deterministically from an ordered list of entries (`FusionEntry`: key, shape, symmetric?,
+`Target`), so every rank that builds it from the same list gets the same plan. Entries with the same `Target`
+(same collective, root, group and averaging) share buckets of at most `bucket_cap_mb` MiB; an entry larger than
+the cap gets a bucket of its own.
 
 A `FusionStep` runs one plan once: `add` copies tensors into their buckets (symmetric entries as packed upper
 triangles when the plan says so) and launches every bucket that is ready, `flush` launches the rest, `wait`
@@ -26,90 +27,14 @@ its first `add` and its `flush`, unless `add` is called in the same order on eve
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
-from kfac_dist.comm.base import Communicator, Group, Handle, canonical_group
-from kfac_dist.comm.packing import pack_upper, packed_numel, unpack_upper
-
-
-class CollectiveOp(str, Enum):
-    """The collective a bucket runs."""
-
-    ALLREDUCE = "allreduce"
-    REDUCE = "reduce"
-    BROADCAST = "broadcast"
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where an entry goes: a collective over `group`; `root` is a reduce's dst or a broadcast's src.
-
-    `average` divides a reduction by the group size (not allowed for broadcasts).
-    """
-
-    op: CollectiveOp
-    group: Group
-    root: int | None = None
-    average: bool = False
-
-    def __post_init__(self) -> None:
-        """Canonicalise the group and reject inconsistent targets."""
-        object.__setattr__(self, "op", CollectiveOp(self.op))
-        object.__setattr__(self, "group", canonical_group(self.group))
-        if self.op is CollectiveOp.ALLREDUCE and self.root is not None:
-            raise ValueError(f"an allreduce takes no root, got root={self.root}")
-        if self.op is not CollectiveOp.ALLREDUCE and self.root is None:
-            raise ValueError(f"a {self.op.value} needs a root rank")
-        if self.root is not None and self.root not in self.group:
-            raise ValueError(f"root rank {self.root} is not a member of group {self.group}")
-        if self.average and self.op is CollectiveOp.BROADCAST:
-            raise ValueError("a broadcast cannot average")
-
-
-@dataclass(frozen=True)
-class FusionEntry:
-    """One tensor of a step: its `key`, `shape`, `target`, and whether it is symmetric.
-
-    A symmetric entry has shape ``(n, n)`` or ``(b, n, n)`` (b stacked symmetric blocks).
-    """
-
-    key: str
-    shape: tuple[int, ...]
-    target: Target
-    symmetric: bool = False
-
-    def __post_init__(self) -> None:
-        """Reject empty entries and symmetric entries that are not square."""
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-        if math.prod(self.shape) == 0:
-            raise ValueError(f"entry {self.key!r} has no elements (shape {self.shape})")
-        if self.symmetric and (len(self.shape) not in (2, 3) or self.shape[-1] != self.shape[-2]):
-            raise ValueError(f"symmetric entry {self.key!r} must have shape (n, n) or (b, n, n), got {self.shape}")
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Where an entry lives in its bucket: elements ``[offset, offset + numel)``, packed if `packed`."""
-
-    key: str
-    shape: tuple[int, ...]
-    packed: bool
-    offset: int
-    numel: int
-
-
-@dataclass(frozen=True)
-class Bucket:
-    """A flat buffer of `numel` elements holding `slots`, sent by one collective to `target`."""
-
-    target: Target
-    slots: tuple[Slot, ...]
-    numel: int
+from kfac_dist.comm.base import Communicator, Handle
+from kfac_dist.comm.layout import Bucket, CollectiveOp, FusionEntry, Target, build_buckets
+from kfac_dist.comm.packing import pack_upper, unpack_upper
 
 
 @dataclass(frozen=True)
@@ -130,32 +55,12 @@ class FusionPlan:
     ) -> FusionPlan:
         """Lay out `entries` (in their expected order of arrival) into buckets of at most `bucket_cap_mb` MiB.
 
-        Symmetric entries take ``n (n + 1) / 2`` elements per block when `symmetric_comm` is true.
+        The layout is :func:`~kfac_dist.comm.layout.build_buckets` with the element size of `dtype`.
         """
-        if not bucket_cap_mb > 0:
-            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
-        cap = max(1, int(bucket_cap_mb * 2**20) // torch.empty((), dtype=dtype).element_size())
-        keys = [e.key for e in entries]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"fusion entries repeat keys: {sorted({k for k in keys if keys.count(k) > 1})}")
-        open_buckets: dict[Target, list[Slot]] = {}
-        last: dict[Target, int] = {}  # position (in `entries`) of the last entry of each open bucket
-        closed: list[tuple[int, Target, list[Slot]]] = []
-        for position, entry in enumerate(entries):
-            target = entry.target
-            packed = entry.symmetric and symmetric_comm
-            numel = _packed_size(entry.shape) if packed else math.prod(entry.shape)
-            slots = open_buckets.setdefault(target, [])
-            used = slots[-1].offset + slots[-1].numel if slots else 0
-            if slots and used + numel > cap:
-                closed.append((last[target], target, slots))
-                slots = open_buckets[target] = []
-                used = 0
-            slots.append(Slot(entry.key, entry.shape, packed, used, numel))
-            last[target] = position
-        closed.extend((last[t], t, s) for t, s in open_buckets.items())
-        closed.sort(key=lambda item: item[0])  # launch order = order of completion
-        buckets = tuple(Bucket(t, tuple(s), s[-1].offset + s[-1].numel) for _, t, s in closed)
+        element_size = torch.empty((), dtype=dtype).element_size()
+        buckets = build_buckets(
+            entries, element_size=element_size, bucket_cap_mb=bucket_cap_mb, symmetric_comm=symmetric_comm
+        )
         return cls(buckets=buckets, dtype=dtype)
 
 
@@ -185,6 +90,11 @@ class FusionStep:
         self._handles: list[Handle] = []
         self._done = False
         self._launch_ready()  # leading buckets that need nothing from this rank (broadcasts it receives)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this rank's bucket buffers (every bucket of the plan whose group holds this rank)."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers)
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         """Copy `tensor` into its bucket, then launch every bucket that is ready (see the module's rule)."""
@@ -260,10 +170,6 @@ class FusionStep:
 def _supplies(target: Target, rank: int) -> bool:
     """Whether `rank` puts data into a bucket for `target` (broadcast receivers only receive)."""
     return target.op is not CollectiveOp.BROADCAST or target.root == rank
-
-
-def _packed_size(shape: tuple[int, ...]) -> int:
-    return packed_numel(shape[-1], shape[0] if len(shape) == 3 else 1)
 
 
 def _unpack(segment: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -11,10 +11,7 @@ from functools import lru_cache
 
 import torch
 
-
-def packed_numel(n: int, blocks: int = 1) -> int:
-    """The number of elements `pack_upper` produces for `blocks` stacked ``(n, n)`` matrices."""
-    return blocks * n * (n + 1) // 2
+from kfac_dist.comm.layout import packed_numel
 
 
 def pack_upper(t: torch.Tensor) -> torch.Tensor:
