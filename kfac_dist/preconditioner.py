@@ -27,8 +27,9 @@ from kfac_dist.options import (
     resolve,
 )
 from kfac_dist.placement import Plan, build_plan, resolve_grad_worker_fraction
-from kfac_dist.registry import LayerState, common_dtype, describe_shapes, register_layers, unwrap
+from kfac_dist.registry import LayerState, common_dtype, describe_shapes, first_difference, register_layers, unwrap
 from kfac_dist.report import Report
+from kfac_dist.timing import PhaseTimer
 
 #: Default damping, in kfac-dist's factor scale (docs/conventions.md); chosen by measurement (docs/defaults.md).
 DEFAULT_DAMPING = 1.0
@@ -72,6 +73,7 @@ class KFACPreconditioner:
         symmetric_comm: send symmetric matrices as upper triangles.
         bucket_cap_mb: size of the fusion buckets of every exchange.
         communicator: how bytes move (default: torch.distributed if initialised, else one process).
+        profile: record wall-clock seconds per K-FAC phase (:meth:`phase_times`, :mod:`kfac_dist.timing`).
 
     Hyperparameters ``factor_update_steps``, ``inv_update_steps``, ``damping``, ``factor_decay``, ``kl_clip`` and
     ``lr`` may be callables of the K-FAC step (the number of completed ``step()`` calls).
@@ -100,6 +102,7 @@ class KFACPreconditioner:
         symmetric_comm: bool = True,
         bucket_cap_mb: float = 25.0,
         communicator: Communicator | None = None,
+        profile: bool = False,
     ) -> None:
         self.factor_update_steps = check_hyper("factor_update_steps", factor_update_steps)
         self.inv_update_steps = check_hyper("inv_update_steps", inv_update_steps)
@@ -132,7 +135,9 @@ class KFACPreconditioner:
             self._grad_dtype if self._grad_dtype in (torch.float32, torch.float64) else torch.float32
         )
         shapes = [state.shape() for state in self._states.values()]
-        self._check_same_layers(describe_shapes(shapes))
+        mismatch = first_difference(self.comm.gather_strings("\n".join(describe_shapes(shapes))))
+        if mismatch is not None:
+            raise RuntimeError(mismatch)
         self._plan = build_plan(shapes, self.comm.world_size, fraction, assignment)
         self.comm.check_same(self._plan.fingerprint(), "K-FAC plan fingerprint")
         self.comm.create_groups(self._plan.groups())
@@ -154,31 +159,13 @@ class KFACPreconditioner:
         self._passes_this_step = 0
         self._force_inverse = False
         self._health = Health()
+        self._timer = PhaseTimer(check_flag("profile", profile), options.device)
         self._handles = [self.model.register_forward_pre_hook(self._count_forward_pass)]
         self._handles += [
             state.layer.module.register_forward_hook(partial(self._capture_input, state))
             for state in self._states.values()
         ]
         self._capturing = self._is_factor_step(0)
-
-    def _check_same_layers(self, lines: list[str]) -> None:
-        """Fail on every rank, naming the rank and the layer, if ranks registered different layers."""
-        gathered = self.comm.gather_strings("\n".join(lines))
-        reference = gathered[0].split("\n")
-        for rank, text in enumerate(gathered):
-            mine = text.split("\n")
-            if mine == reference:
-                continue
-            index = next(
-                (i for i, (x, y) in enumerate(zip(mine, reference, strict=False)) if x != y),
-                min(len(mine), len(reference)),
-            )
-            got = mine[index] if index < len(mine) else "no such layer"
-            expected = reference[index] if index < len(reference) else "no such layer"
-            raise RuntimeError(
-                f"rank {rank}'s model differs from rank 0's at preconditioned layer #{index}: "
-                f"rank {rank} has [{got}], rank 0 has [{expected}]"
-            )
 
     def remove_hooks(self) -> None:
         """Detach the preconditioner from the model (it stops capturing)."""
@@ -208,7 +195,8 @@ class KFACPreconditioner:
             return
         inputs = args[0].detach()
         state.fired = True
-        state.accumulator.add_input(inputs, self._forward_passes, self._factor_dtype)
+        with self._timer.phase("factor_computation"):
+            state.accumulator.add_input(inputs, self._forward_passes, self._factor_dtype)
         output.register_hook(partial(self._capture_output_grad, state, state.layer.examples(inputs)))
 
     def _capture_output_grad(self, state: LayerState, examples: int, grad_output: torch.Tensor) -> None:
@@ -216,7 +204,8 @@ class KFACPreconditioner:
         scale = float(examples * self.accumulation_steps) if self.loss_reduction == "mean" else 1.0
         scale /= self._loss_scale()
         accumulator = state.accumulator
-        accumulator.add_output_grad(grad_output.detach(), self._factor_dtype, scale)
+        with self._timer.phase("factor_computation"):
+            accumulator.add_output_grad(grad_output.detach(), self._factor_dtype, scale)
         if accumulator.pending == 0 and self._passes_this_step >= self.accumulation_steps:
             self._send_factors(state)
 
@@ -257,8 +246,16 @@ class KFACPreconditioner:
         for state in self._states.values():
             if state.accumulator.complete and not state.sent:
                 self._send_factors(state)
-        reduced = self._exchange.reduce_factors()
-        decay = resolve("factor_decay", self.factor_decay, step)
+        with self._timer.phase("factor_communication"):
+            reduced = self._exchange.reduce_factors()
+        with self._timer.phase("factor_update"):
+            self._fold_in(reduced, resolve("factor_decay", self.factor_decay, step))
+        for state in self._states.values():
+            state.accumulator.clear()
+            state.sent = False
+
+    def _fold_in(self, reduced: dict[str, tuple[torch.Tensor, torch.Tensor]], decay: float) -> None:
+        """Update the running averages with the reduced batch factors; skip non-finite ones."""
         ready = [(self._states[name], a, g) for name, (a, g) in reduced.items() if self._states[name].sent]
         flags = [torch.isfinite(a).all() & torch.isfinite(g).all() for _, a, g in ready]
         finite = torch.stack(flags).tolist() if flags else []
@@ -270,32 +267,39 @@ class KFACPreconditioner:
                 continue
             state.a = curvature.running_average(state.a, a, decay)
             state.g = curvature.running_average(state.g, g, decay)
-        for state in self._states.values():
-            state.accumulator.clear()
-            state.sent = False
 
     def _update_decompositions(self, damping: float) -> None:
         """Owners decompose their layers' factors; grad workers receive the decompositions."""
         owned: dict[str, curvature.Decomposition | None] = {}
-        for name in self._plan.layers_owned_by(self.comm.rank):
-            state = self._states[name]
-            if state.a is not None and state.g is not None:
-                state.decomposition = self._health.decompose(
-                    state, method=self.compute_method, damping=damping, dtype=self.inv_dtype
-                )
-            owned[name] = state.decomposition
-        for name, decomposition in self._exchange.share_decompositions(owned).items():
+        with self._timer.phase("decomposition"):
+            for name in self._plan.layers_owned_by(self.comm.rank):
+                state = self._states[name]
+                if state.a is not None and state.g is not None:
+                    state.decomposition = self._health.decompose(
+                        state, method=self.compute_method, damping=damping, dtype=self.inv_dtype
+                    )
+                owned[name] = state.decomposition
+        with self._timer.phase("decomposition_broadcast"):
+            shared = self._exchange.share_decompositions(owned)
+        for name, decomposition in shared.items():
             self._states[name].decomposition = decomposition
 
     def _precondition(self, damping: float, step: int) -> None:
         """Grad workers precondition, the others receive; then KL-clip and write every ``.grad``."""
         computed: dict[str, torch.Tensor] = {}
-        for name in self._plan.layers_worked_by(self.comm.rank):
-            state = self._states[name]
-            if state.decomposition is not None and state.layer.has_grad():
-                matrix = curvature.precondition(state.decomposition, state.layer.grad_matrix(), damping)
-                computed[name] = matrix.to(self._grad_dtype)
-        received = self._exchange.share_gradients(computed)
+        with self._timer.phase("preconditioning"):
+            for name in self._plan.layers_worked_by(self.comm.rank):
+                state = self._states[name]
+                if state.decomposition is not None and state.layer.has_grad():
+                    matrix = curvature.precondition(state.decomposition, state.layer.grad_matrix(), damping)
+                    computed[name] = matrix.to(self._grad_dtype)
+        with self._timer.phase("gradient_broadcast"):
+            received = self._exchange.share_gradients(computed)
+        with self._timer.phase("kl_clip"):
+            self._clip_and_write(computed, received, step)
+
+    def _clip_and_write(self, computed: dict[str, torch.Tensor], received: dict[str, torch.Tensor], step: int) -> None:
+        """KL-clip every preconditioned gradient and write it into ``.grad``."""
         # A received all-zero gradient means "not preconditioned" (a preconditioned gradient is zero only when
         # the raw one is): keep the raw gradient then, decided on the device without a host sync.
         states, preconditioned, raw = [], [], []
@@ -321,6 +325,14 @@ class KFACPreconditioner:
         return any(text == "1" for text in self.comm.gather_strings("1" if flag else "0"))
 
     # ----------------------------------------------------------------------------------------------- inspection
+    def phase_times(self) -> dict[str, float]:
+        """Seconds spent per K-FAC phase since construction or :meth:`reset_phase_times` (needs ``profile=True``)."""
+        return dict(self._timer.seconds)
+
+    def reset_phase_times(self) -> None:
+        """Zero the phase timers."""
+        self._timer.reset()
+
     def plan(self) -> Plan:
         """The placement every rank holds."""
         return self._plan

@@ -105,3 +105,24 @@ def common_dtype(states: dict[str, LayerState], option: str) -> torch.dtype:
 def describe_shapes(shapes: list[LayerShape]) -> list[str]:
     """One comparable line per layer, used to check that every rank registered the same layers."""
     return [f"{s.name}: a_side={s.a_side} g_side={s.g_side} blocks={s.blocks} diag={s.a_diagonal}" for s in shapes]
+
+
+def first_difference(gathered: list[str]) -> str | None:
+    """The first rank whose layer list differs from rank 0's, and where, as a message; None when all agree.
+
+    ``gathered`` holds one newline-joined :func:`describe_shapes` list per rank, indexed by rank.
+    """
+    reference = gathered[0].split("\n")
+    for rank, text in enumerate(gathered):
+        mine = text.split("\n")
+        if mine == reference:
+            continue
+        pairs = zip(mine, reference, strict=False)
+        index = next((i for i, (x, y) in enumerate(pairs) if x != y), min(len(mine), len(reference)))
+        got = mine[index] if index < len(mine) else "no such layer"
+        expected = reference[index] if index < len(reference) else "no such layer"
+        return (
+            f"rank {rank}'s model differs from rank 0's at preconditioned layer #{index}: "
+            f"rank {rank} has [{got}], rank 0 has [{expected}]"
+        )
+    return None

@@ -327,3 +327,20 @@ def test_factor_sums_are_freed_once_copied_into_the_buckets(symmetric_comm: bool
     pre.step()
     # The buffers are the factor-reduction buckets: A 7x7, G 5x5, A 6x6, G 3x3 (float32), packed if asked.
     assert pre.memory_usage()["buffers"] == 4 * elements
+
+
+def test_profile_records_every_phase_of_factor_and_inverse_steps() -> None:
+    model = mlp()
+    pre = KFACPreconditioner(model, profile=True)
+    assert all(seconds == 0.0 for seconds in pre.phase_times().values())
+    backward(model)
+    pre.step()
+    times = pre.phase_times()
+    for phase in ("factor_computation", "factor_communication", "factor_update", "decomposition", "preconditioning"):
+        assert times[phase] > 0.0, phase
+    pre.reset_phase_times()
+    assert sum(pre.phase_times().values()) == 0.0
+    unprofiled = KFACPreconditioner(mlp())
+    backward(unprofiled.model)
+    unprofiled.step()
+    assert sum(unprofiled.phase_times().values()) == 0.0
