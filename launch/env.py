@@ -95,7 +95,7 @@ def detect_env(environ: Mapping[str, str] = os.environ) -> RunEnv:
         LaunchEnvError: A value is not an integer, out of range, or a needed variable is missing; the message
             names the variable.
     """
-    found = _torchrun(environ) or _slurm(environ) or _mpi(environ)
+    found = _torchrun(environ) or _horovodrun(environ) or _slurm(environ) or _mpi(environ)
     launcher, rank, size, local_rank, local_size = found or ("single", 0, 1, 0, 1)
     addr = environ.get("MASTER_ADDR")
     if not addr and launcher == "slurm":
@@ -121,6 +121,20 @@ def _torchrun(environ: Mapping[str, str]) -> _Found | None:
         local_rank, local_size = (_int(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else rank), size
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
     return _checked("torchrun", names, (rank, size, local_rank, local_size))
+
+
+def _horovodrun(environ: Mapping[str, str]) -> _Found | None:
+    """``horovodrun --gloo`` sets HOROVOD_RANK/SIZE/LOCAL_RANK/LOCAL_SIZE (under mpirun the MPI rules apply)."""
+    if "HOROVOD_RANK" not in environ or "HOROVOD_SIZE" not in environ:
+        return None
+    names = ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE")
+    values = (
+        _int(environ, names[0]),
+        _int(environ, names[1], minimum=1),
+        _int(environ, names[2]),
+        _int(environ, names[3], minimum=1),
+    )
+    return _checked("horovodrun", names, values)
 
 
 def _slurm(environ: Mapping[str, str]) -> _Found | None:

@@ -88,12 +88,20 @@ def explain(result: subprocess.CompletedProcess[str]) -> str:
 
 def final_accuracy(output: str) -> float:
     """The value of the ``final test accuracy:`` line."""
-    lines = [line for line in output.splitlines() if line.startswith("final test accuracy:")]
+    marker = "final test accuracy:"  # horovodrun prefixes each line with "[rank]<stdout>:"
+    lines = [line.split(marker, 1)[1] for line in output.splitlines() if marker in line]
     assert len(lines) == 1, output
-    return float(lines[0].split(":")[1])
+    return float(lines[0])
 
 
 def run_mpiexec(args: Sequence[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """``mpiexec -n N python -m launch.train ARGS`` with the MPICH from pip (exits non-zero if any rank fails)."""
     command = [str(BIN / "mpiexec"), "-n", str(nproc), sys.executable, "-m", "launch.train", *args]
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_horovodrun(args: Sequence[str], nproc: int = 2, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+    """``horovodrun -np N -H localhost:N --gloo python -m launch.train ARGS``."""
+    command = [str(BIN / "horovodrun"), "-np", str(nproc), "-H", f"localhost:{nproc}", "--gloo"]
+    command += [sys.executable, "-m", "launch.train", *args]
     return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)

@@ -5,7 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from app_runs import BIN, explain, final_accuracy, run_mpiexec, run_single, run_slurm_shaped, run_torchrun
+from app_runs import (
+    BIN,
+    explain,
+    final_accuracy,
+    run_horovodrun,
+    run_mpiexec,
+    run_single,
+    run_slurm_shaped,
+    run_torchrun,
+)
 from data_fakes import write_fake_cifar10
 
 from launch.metrics import read_metrics
@@ -39,6 +48,23 @@ def test_mpiexec_two_ranks_run_the_same_job(tmp_path: Path) -> None:
     assert result.returncode == 0, explain(result)
     assert final_accuracy(result.stdout) > 0.9
     assert int(read_metrics(tmp_path / "metrics.csv")[0]["bytes_sent"]) > 0  # two ranks really exchanged factors
+
+
+def test_mpi_backend_trains_through_the_application(tmp_path: Path) -> None:
+    if not (BIN / "mpiexec").exists():
+        pytest.skip("mpiexec (pip package mpich) is not installed")
+    result = run_mpiexec([f"logging.dir={tmp_path}", "training.epochs=1", "comm.backend=mpi"])
+    assert result.returncode == 0, explain(result)
+    assert final_accuracy(result.stdout) > 0.9
+    assert int(read_metrics(tmp_path / "metrics.csv")[0]["bytes_sent"]) > 0
+
+
+def test_horovod_backend_trains_through_the_application(tmp_path: Path) -> None:
+    if not (BIN / "horovodrun").exists():
+        pytest.skip("horovod is not installed (bash scripts/install_horovod.sh)")
+    result = run_horovodrun([f"logging.dir={tmp_path}", "training.epochs=1", "comm.backend=horovod"])
+    assert result.returncode == 0, explain(result)
+    assert final_accuracy(result.stdout) > 0.9
 
 
 def test_resnet50_on_synthetic_imagefolder_takes_kfac_steps(tmp_path: Path) -> None:

@@ -299,3 +299,17 @@ def test_real_processes_with_srun_variables(tmp_path: Path) -> None:
     assert detect_env(envs[0]).master_port == port
     _run_all([[sys.executable, "-c", WORKER, str(tmp_path)]] * 2, envs)
     _check_ranks(tmp_path, "slurm", 2, 2)
+
+
+def test_horovodrun_gloo_variables_are_detected() -> None:
+    environ = {"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "2"}
+    env = detect_env(environ)
+    assert (env.launcher, env.rank, env.world_size, env.local_rank, env.master_addr) == (
+        "horovodrun",
+        1,
+        2,
+        1,
+        "127.0.0.1",
+    )
+    with pytest.raises(LaunchEnvError, match="HOROVOD_RANK=2 is not < HOROVOD_SIZE=2"):
+        detect_env({**environ, "HOROVOD_RANK": "2"})
