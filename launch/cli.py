@@ -21,7 +21,7 @@ from kfac_dist.models import MODEL_NAMES
 from kfac_dist.options import COMPUTE_METHODS, FACTOR_COMMS
 from kfac_dist.placement import ASSIGNMENTS, STRATEGIES
 from kfac_dist.planner import PlanOptions, plan_model
-from launch import train
+from launch import bench, train
 
 __all__ = ["build_parser", "main", "run_plan"]
 
@@ -43,6 +43,11 @@ def _number(kind: type[int] | type[float], low: float, low_open: bool) -> Callab
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train from a YAML config (default: the embedded MNIST-5k run)")
     train.add_arguments(parser)
+
+
+def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks (kfac-dist bench convergence [--full])")
+    bench.add_arguments(parser)
 
 
 def _fraction(text: str) -> float | str:
@@ -142,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(subparsers)
     _add_plan_parser(subparsers)
+    _add_bench_parser(subparsers)
     return parser
 
 
@@ -157,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "plan":
         return run_plan(args)
+    if args.command == "bench":
+        return bench.run(args)
     return train.run(args)
 
 

@@ -1,0 +1,38 @@
+"""Benchmarks behind ``kfac-dist bench NAME``; each is a module with ``add_arguments(parser)`` and ``run(args)``.
+
+- ``convergence`` (:mod:`launch.bench.convergence`): steps and wall time to a training-loss and a test-accuracy
+  target, SGD-momentum + K-FAC vs SGD-momentum vs Adam, each tuned on a grid.
+
+New benchmarks register in :data:`BENCHMARKS`; :func:`add_arguments` gives each a sub-command.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from launch.bench import convergence
+
+__all__ = ["BENCHMARKS", "add_arguments", "run"]
+
+#: name -> (help, add_arguments, run)
+BENCHMARKS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "convergence": (
+        "steps and wall time to a loss / accuracy target: K-FAC vs SGD-momentum vs Adam (--full: the docs run)",
+        convergence.add_arguments,
+        convergence.run,
+    ),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Give ``parser`` (the ``bench`` sub-command's) one sub-command per benchmark."""
+    subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, (help_text, add, _) in BENCHMARKS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        add(sub)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark named by ``args.benchmark``; return the exit code."""
+    return BENCHMARKS[args.benchmark][2](args)
