@@ -133,3 +133,19 @@ def test_missing_data_directory_is_named_on_every_rank(tmp_path: Path) -> None:
     )
     assert result.returncode != 0, explain(result)
     assert result.stderr.count(str(missing)) >= 2, explain(result)
+
+
+def test_accumulation_and_bf16_autocast_run_under_torchrun(tmp_path: Path) -> None:
+    result = run_torchrun(
+        [
+            f"logging.dir={tmp_path}",
+            "training.epochs=1",
+            "training.accumulation_steps=2",
+            "data.batch_size=16",
+            "training.amp=bf16",
+        ]
+    )
+    assert result.returncode == 0, explain(result)
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert int(rows[0]["step"]) == 62  # 4,000 / 2 ranks / 16 per micro-batch / 2 micro-batches per step
+    assert final_accuracy(result.stdout) > 0.85
