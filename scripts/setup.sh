@@ -19,6 +19,11 @@ if [ ! -x "$PY" ]; then
     "${PYTHON:-python3}" -m venv "$VENV"
 fi
 
+# System packages for the Slurm tests (idempotent, fast when present; needs root + apt, else it says what to do).
+if [ "${KFAC_DIST_SKIP_SLURM:-0}" != "1" ]; then
+    bash scripts/install_slurm.sh || echo "setup: Slurm is not installed; tests/test_slurm.py will skip (fail under KFAC_DIST_STRICT=1)" >&2
+fi
+
 HASH="$({
     cat requirements/*.txt setup.py pyproject.toml scripts/setup.sh scripts/install_horovod.sh
     echo "skip-horovod=${KFAC_DIST_SKIP_HOROVOD:-0}"
