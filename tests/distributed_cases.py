@@ -75,8 +75,9 @@ def train(
     world_size: int,
     options: dict[str, Any],
     average_grads: bool,
+    data_world_size: int | None = None,
 ) -> KFACPreconditioner:
-    """STEPS steps of SGD + K-FAC on this rank's slice of each global batch."""
+    """STEPS steps of SGD + K-FAC on this rank's share of each global batch (made for ``data_world_size`` ranks)."""
     pre = KFACPreconditioner(
         model,
         factor_update_steps=FACTOR_UPDATE_STEPS,
@@ -90,9 +91,10 @@ def train(
         **options,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    share = LOCAL_BATCH * (data_world_size or world_size) // world_size
     for step in range(STEPS):
-        x, y = global_batch(step, world_size)
-        part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        x, y = global_batch(step, data_world_size or world_size)
+        part = slice(rank * share, (rank + 1) * share)
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x[part]), y[part]).backward()
         if average_grads:
@@ -104,28 +106,10 @@ def train(
 
 
 def reference_parameters(world_size: int, options: dict[str, Any]) -> list[torch.Tensor]:
-    """The same run in one process over the concatenated batches."""
+    """The same run in one process over the concatenated batches of ``world_size`` ranks."""
     model = make_model()
-    train_single = dict(options)
-    pre = KFACPreconditioner(
-        model,
-        factor_update_steps=FACTOR_UPDATE_STEPS,
-        inv_update_steps=INV_UPDATE_STEPS,
-        damping=0.05,
-        kl_clip=2e-3,
-        lr=0.1,
-        factor_decay=0.8,
-        inv_dtype=torch.float64,
-        communicator=LocalCommunicator(),
-        compute_method=train_single["compute_method"],
-    )
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
-    for step in range(STEPS):
-        x, y = global_batch(step, world_size)
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        pre.step()
-        optimizer.step()
+    single = {"compute_method": options["compute_method"]}
+    train(model, LocalCommunicator(), 0, 1, single, average_grads=False, data_world_size=world_size)
     return [p.detach().clone() for p in model.parameters()]
 
 
