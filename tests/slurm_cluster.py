@@ -22,6 +22,7 @@ turns that skip into a failure.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -35,7 +36,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: Programs the cluster needs: daemons, key generation, clients.
+#: Programs the cluster needs: the daemons and the clients the tests and templates call.
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sinfo", "sbatch", "srun", "scontrol", "scancel", "squeue")
 #: Where Debian puts the daemons (often not on a non-root PATH).
 SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
@@ -191,8 +192,12 @@ MailProg=/bin/true
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-# sbatch --wait polls every 2 s while 2 < MinJobAge / 2 fails (else every 8 s, then 32 s).
+# sbatch --wait sleeps 2 s between polls, x4 while that is below MinJobAge / 2 (the default 300 gives 2, 8, 32 s):
+# 4 keeps it at 2 s, so a test sees its job end within 2 s.
 MinJobAge=4
+# Jobs' default MASTER_PORT is 15000 + job id % 20000: start elsewhere than 1, so two test sessions on one machine
+# (two clusters) rarely derive the same ports.
+FirstJobId={random.randrange(1, 20000)}
 KillWait=5
 InactiveLimit=0
 NodeName={NODE} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={max(memory_mb() - 512, 256)} State=UNKNOWN
