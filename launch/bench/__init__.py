@@ -2,6 +2,9 @@
 
 - ``convergence`` (:mod:`launch.bench.convergence`): steps and wall time to a training-loss and a test-accuracy
   target, SGD-momentum + K-FAC vs SGD-momentum vs Adam, each tuned on a grid.
+- ``overhead`` (:mod:`launch.bench.overhead`): per-step time of K-FAC vs SGD in one process, with a phase breakdown.
+- ``comm`` (:mod:`launch.bench.comm`): bytes and K-FAC memory per rank from the planner (ResNet-50, ours vs
+  KAISA), checked against real gloo runs.
 
 New benchmarks register in :data:`BENCHMARKS`; :func:`add_arguments` gives each a sub-command.
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from launch.bench import convergence
+from launch.bench import comm, convergence, overhead
 
 __all__ = ["BENCHMARKS", "add_arguments", "run"]
 
@@ -21,6 +24,16 @@ BENCHMARKS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Call
         "steps and wall time to a loss / accuracy target: K-FAC vs SGD-momentum vs Adam (--full: the docs run)",
         convergence.add_arguments,
         convergence.run,
+    ),
+    "overhead": (
+        "per-step time of K-FAC vs SGD in one process, with a phase breakdown (--full: the docs run)",
+        overhead.add_arguments,
+        overhead.run,
+    ),
+    "comm": (
+        "bytes and memory per rank, ResNet-50 from the planner vs KAISA, checked on gloo (--full: the docs run)",
+        comm.add_arguments,
+        comm.run,
     ),
 }
 
