@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The process exit code.
     """
-    args = build_parser().parse_args(argv)
+    args = train.parse_arguments(build_parser(), argv)
     if args.command == "plan":
         return run_plan(args)
     if args.command == "bench":

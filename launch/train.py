@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from launch.config import ConfigError, format_config, load_config
 from launch.env import LaunchEnvError, detect_env, init_distributed, shutdown_distributed
 
-__all__ = ["add_arguments", "main", "run"]
+__all__ = ["add_arguments", "main", "parse_arguments", "run"]
 
 TORCH_BACKENDS = ("auto", "nccl", "gloo")
 
@@ -24,6 +24,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML run config (default: the embedded MNIST-5k run, configs/mnist_cnn.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="override config values")
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse `argv` with `parser`, taking ``key.path=value`` overrides wherever they stand.
+
+    argparse takes a ``nargs="*"`` positional only in one run, so ``--config F a=1 --print-config b=2`` would
+    leave ``b=2`` unrecognised; overrides after a flag are appended in order instead. Anything else unknown is
+    the usual usage error (exit code 2).
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", "train") == "train":
+        late = [word for word in extra if "=" in word and not word.startswith("-")]
+        if len(late) == len(extra):
+            args.overrides = [*args.overrides, *late]
+            return args
+    if extra:
+        parser.error("unrecognized arguments: " + " ".join(extra))
+    return args
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m launch.train``."""
     parser = argparse.ArgumentParser(prog="kfac-dist train", description=__doc__)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run(parse_arguments(parser, argv))
 
 
 if __name__ == "__main__":

@@ -54,3 +54,23 @@ def test_console_script_and_module_entry_points() -> None:
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         assert "--config" in result.stdout
+
+
+@pytest.mark.parametrize("prog", ["cli", "module"])
+def test_overrides_may_follow_flags(prog: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from launch import train
+
+    words = ["model.name=mlp", "--config", "configs/mnist_cnn.yaml", "training.epochs=3", "--print-config"]
+    words += ["training.epochs=7"]  # the later override of the same key wins
+    assert (main(["train", *words]) if prog == "cli" else train.main(words)) == 0
+    printed = capsys.readouterr().out
+    assert "name: mlp" in printed and "epochs: 7" in printed
+
+
+def test_unknown_flags_are_still_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--print-config", "--no-such-flag", "training.epochs=2"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plan", "--model", "resnet50", "--world-size", "4", "a=b"])  # only train takes overrides
