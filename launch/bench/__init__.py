@@ -5,6 +5,8 @@
 - ``overhead`` (:mod:`launch.bench.overhead`): per-step time of K-FAC vs SGD in one process, with a phase breakdown.
 - ``comm`` (:mod:`launch.bench.comm`): bytes and K-FAC memory per rank from the planner (ResNet-50, ours vs
   KAISA), checked against real gloo runs.
+- ``scaling`` (:mod:`launch.bench.scaling`): real gloo runs at small W and a calibrated latency-bandwidth model
+  that predicts K-FAC and SGD step times to W = 1024.
 
 New benchmarks register in :data:`BENCHMARKS`; :func:`add_arguments` gives each a sub-command.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from launch.bench import comm, convergence, overhead
+from launch.bench import comm, convergence, overhead, scaling
 
 __all__ = ["BENCHMARKS", "add_arguments", "run"]
 
@@ -34,6 +36,11 @@ BENCHMARKS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Call
         "bytes and memory per rank, ResNet-50 from the planner vs KAISA, checked on gloo (--full: the docs run)",
         comm.add_arguments,
         comm.run,
+    ),
+    "scaling": (
+        "gloo runs at W = 1, 2, 4 and a calibrated model of K-FAC/SGD step time to W = 1024 (--full: the docs run)",
+        scaling.add_arguments,
+        scaling.run,
     ),
 }
 

@@ -1,6 +1,6 @@
 """Communication and memory per rank: ResNet-50 from the planner, ours beside KAISA, checked on real gloo runs.
 
-Protocol (``kfac-dist bench comm``; docs/bench_comm.md quotes the ``--full`` run):
+Protocol (``kfac-dist bench comm``; docs/BENCHMARKS.md section 3 quotes the ``--full`` run):
 
 1. Planner (no processes). For ResNet-50 (224x224, 1000 classes, float32 everywhere) at every world size W of
    ``--world-sizes`` and every grad-worker fraction f in {1/W ("mem-opt"), 0.5 ("hybrid-opt"), 1 ("comm-opt")},
@@ -22,9 +22,6 @@ Protocol (``kfac-dist bench comm``; docs/bench_comm.md quotes the ``--full`` run
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,7 +36,7 @@ from kfac_dist import KFACPreconditioner, costs
 from kfac_dist.comm import TorchDistCommunicator
 from kfac_dist.placement import Plan, num_grad_workers, resolve_grad_worker_fraction
 from kfac_dist.planner import STEP_KINDS, PlanReport, plan_model
-from launch.bench.convergence import machine
+from launch.bench.common import BenchRun, positive_int, write_outputs
 from launch.bench.gloo_runs import ProxySpec, average_gradients, run_gloo
 
 __all__ = [
@@ -288,20 +285,15 @@ def real_check(
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def _sizes(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``kfac-dist bench comm``."""
     parser.add_argument("--full", action="store_true", help="the docs/ run: --check-steps 100 (one whole period)")
-    parser.add_argument("--world-sizes", nargs="+", type=_sizes, default=list(WORLD_SIZES), help="planned W")
-    parser.add_argument("--check-world-sizes", nargs="*", type=_sizes, default=[2, 4], help="real gloo runs at W")
-    parser.add_argument("--check-steps", type=_sizes, default=None, help="steps per real run (default 11; --full 100)")
-    parser.add_argument("--check-batch", type=_sizes, default=4, help="per-rank batch of the real runs")
+    parser.add_argument("--world-sizes", nargs="+", type=positive_int, default=list(WORLD_SIZES), help="planned W")
+    parser.add_argument("--check-world-sizes", nargs="*", type=positive_int, default=[2, 4], help="real gloo runs at W")
+    parser.add_argument(
+        "--check-steps", type=positive_int, default=None, help="steps per real run (default 11; --full 100)"
+    )
+    parser.add_argument("--check-batch", type=positive_int, default=4, help="per-rank batch of the real runs")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/comm"), help="output path prefix")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (matplotlib not needed)")
 
@@ -326,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
 
     log: Log = lambda line: print(line, flush=True)  # noqa: E731
     steps = args.check_steps or (FREQ[1] if args.full else FREQ[0] + 1)
-    started = time.perf_counter()
+    record = BenchRun(command_line(args), threads=1)
     log(f"planner: {PLANNED_MODEL} at W = {', '.join(map(str, args.world_sizes))}")
     planned = planner_sweep(PLANNED_MODEL, args.world_sizes, log=log)
     log(f"real gloo runs: ResNet-50 width 1/8, {steps} steps, batch {args.check_batch} per rank")
@@ -334,23 +326,8 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"planned_model": PLANNED_MODEL, "freq": list(FREQ), "planner": planned}
     results["check"] = {"proxy": PROXY.describe()}
     results["check"] |= {"steps": steps, "batch": args.check_batch, "cases": checks}
-    results["meta"] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-        "machine": machine(),
-        "threads": 1,
-        "torch": torch.__version__,
-        "command": command_line(args),
-        "wall_seconds": time.perf_counter() - started,
-        "load_average_end": list(os.getloadavg()),
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    written = [out.with_suffix(".json"), out.with_suffix(".md")]
-    written[0].write_text(json.dumps(results, indent=1) + "\n")
-    written[1].write_text(comm_report.markdown(results))
-    if not args.no_plot:
-        written.append(comm_report.plot(results, out))
-    log("wrote " + ", ".join(str(p) for p in written))
+    results["meta"] = record.meta()
+    write_outputs(args.out, results, comm_report.markdown, None if args.no_plot else comm_report.plot)
     return 0 if all(case["equal"] for case in checks) else 1
 
 

@@ -1,6 +1,6 @@
 """Convergence benchmark: steps and wall time to a target, SGD-momentum + K-FAC vs SGD-momentum vs Adam.
 
-Protocol (``kfac-dist bench convergence``; docs/bench_convergence.md quotes the ``--full`` run):
+Protocol (``kfac-dist bench convergence``; docs/BENCHMARKS.md section 2 quotes the ``--full`` run):
 
 1. Tuning. Every grid point of every method (an lr grid for SGD-momentum 0.9 and for Adam; lr x damping for
    SGD-momentum 0.9 + K-FAC) trains on each *tuning seed* (100, 101, ...), disjoint from the measured seeds
@@ -21,14 +21,9 @@ Protocol (``kfac-dist bench convergence``; docs/bench_convergence.md quotes the 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import os
-import platform
 import shlex
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,6 +31,7 @@ from typing import Any
 
 import torch
 
+from launch.bench.common import BenchRun, positive_int, write_outputs
 from launch.bench.convergence_runs import (
     METHODS,
     TASKS,
@@ -232,24 +228,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``kfac-dist bench convergence``."""
     parser.add_argument("--full", action="store_true", help="5 measured seeds, full grids (the docs/ run)")
     parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(TASKS), help="tasks to run")
-    parser.add_argument("--seeds", type=_positive, default=None, help="measured seeds 0..N-1 (default 2; --full 5)")
-    parser.add_argument("--tuning-seeds", type=_positive, default=None, help="tuning seeds 100..99+N (default 1)")
-    parser.add_argument("--max-steps", type=_positive, default=None, help="override every task's step budget")
-    parser.add_argument("--eval-every", type=_positive, default=None, help="override every task's checkpoint period")
-    parser.add_argument("--factor-update-steps", type=_positive, default=10, help="K-FAC factor update period")
-    parser.add_argument("--inv-update-steps", type=_positive, default=100, help="K-FAC decomposition period")
-    parser.add_argument("--warmup-steps", type=_positive, default=20, help="untimed warm-up steps per method, task")
+    parser.add_argument("--seeds", type=positive_int, default=None, help="measured seeds 0..N-1 (default 2; --full 5)")
+    parser.add_argument("--tuning-seeds", type=positive_int, default=None, help="tuning seeds 100..99+N (default 1)")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="override every task's step budget")
+    parser.add_argument("--eval-every", type=positive_int, default=None, help="override every task's checkpoint period")
+    parser.add_argument("--factor-update-steps", type=positive_int, default=10, help="K-FAC factor update period")
+    parser.add_argument("--inv-update-steps", type=positive_int, default=100, help="K-FAC decomposition period")
+    parser.add_argument("--warmup-steps", type=positive_int, default=20, help="untimed warm-up steps per method, task")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/convergence"), help="output path prefix")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG curves (matplotlib not needed)")
 
@@ -267,43 +256,15 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join([*words, "--out", str(args.out)] + (["--no-plot"] if args.no_plot else []))
 
 
-def machine() -> str:
-    """A one-line description of this machine (CPU model, core count, OS)."""
-    model = platform.processor() or platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``kfac-dist bench convergence`` on parsed arguments; write JSON, Markdown and PNGs at ``--out``."""
     from launch.bench import convergence_report
 
     config = settings_from_args(args)
-    load_before = os.getloadavg()
-    started = time.perf_counter()
+    record = BenchRun(command_line(args), config.threads)
     results = run_benchmark(config, log=lambda line: print(line, flush=True))
-    results["meta"] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-        "machine": machine(),
-        "threads": config.threads,
-        "torch": torch.__version__,
-        "command": command_line(args),
-        "wall_seconds": time.perf_counter() - started,
-        "load_average_before_after": [list(load_before), list(os.getloadavg())],
-        "settings": asdict(config),
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    written = [out.with_suffix(".json"), out.with_suffix(".md")]
-    written[0].write_text(json.dumps(results, indent=1) + "\n")
-    written[1].write_text(convergence_report.markdown(results))
-    if not args.no_plot:
-        written += convergence_report.plot(results, out)
-    print("wrote " + ", ".join(str(p) for p in written))
+    results["meta"] = record.meta(asdict(config))
+    write_outputs(args.out, results, convergence_report.markdown, None if args.no_plot else convergence_report.plot)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Overhead benchmark: time per training step of SGD-momentum + K-FAC against SGD-momentum on the same model.
 
-Protocol (``kfac-dist bench overhead``; docs/bench_overhead.md quotes the ``--full`` run):
+Protocol (``kfac-dist bench overhead``; docs/BENCHMARKS.md section 1 quotes the ``--full`` run):
 
 1. One process, ``torch.set_num_threads(1)``. For each model and (factor, inverse) frequency ``(f, p)`` there is
    one *arm* per optimizer: SGD-momentum, and SGD-momentum + K-FAC for each compute method. Every arm starts from
@@ -32,13 +32,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import math
-import os
 import shlex
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,7 +43,7 @@ from typing import Any
 import torch
 
 from kfac_dist.options import COMPUTE_METHODS
-from launch.bench.convergence import machine
+from launch.bench.common import BenchRun, positive_int, write_outputs
 from launch.bench.overhead_runs import (
     MODELS,
     PHASES,
@@ -248,13 +244,6 @@ def _freq(text: str) -> tuple[int, int]:
     return f, p
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``kfac-dist bench overhead``."""
     parser.add_argument("--full", action="store_true", help="all frequencies, 5/5/3 rounds (the docs/ run)")
@@ -267,10 +256,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="FACTOR,INVERSE pairs (default 1,1 10,100; --full adds 50,500)",
     )
     parser.add_argument("--methods", nargs="+", choices=COMPUTE_METHODS, default=list(COMPUTE_METHODS))
-    parser.add_argument("--rounds", type=_positive, default=None, help="rounds per frequency (default 2; --full 5/5/3)")
-    parser.add_argument("--min-block-steps", type=_positive, default=20, help="steps per block at least")
-    parser.add_argument("--warmup-steps", type=_positive, default=10, help="untimed steps per arm")
-    parser.add_argument("--profile-blocks", type=_positive, default=1, help="profiled blocks per K-FAC arm")
+    parser.add_argument(
+        "--rounds", type=positive_int, default=None, help="rounds per frequency (default 2; --full 5/5/3)"
+    )
+    parser.add_argument("--min-block-steps", type=positive_int, default=20, help="steps per block at least")
+    parser.add_argument("--warmup-steps", type=positive_int, default=10, help="untimed steps per arm")
+    parser.add_argument("--profile-blocks", type=positive_int, default=1, help="profiled blocks per K-FAC arm")
     parser.add_argument("--max-retries", type=int, default=2, help="reruns of a round that was contended")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/overhead"), help="output path prefix")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (matplotlib not needed)")
@@ -324,28 +315,11 @@ def run(args: argparse.Namespace) -> int:
     from launch.bench import overhead_report
 
     config = settings_from_args(args)
-    load_before = os.getloadavg()
-    started = time.perf_counter()
+    record = BenchRun(command_line(args), config.threads)
     results = run_benchmark(config, log=lambda line: print(line, flush=True))
     results["flops"] = overhead_report.flop_rows(config.freqs)
-    results["meta"] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-        "machine": machine(),
-        "threads": config.threads,
-        "torch": torch.__version__,
-        "command": command_line(args),
-        "wall_seconds": time.perf_counter() - started,
-        "load_average_before_after": [list(load_before), list(os.getloadavg())],
-        "settings": jsonable(config),
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    written = [out.with_suffix(".json"), out.with_suffix(".md")]
-    written[0].write_text(json.dumps(results, indent=1) + "\n")
-    written[1].write_text(overhead_report.markdown(results))
-    if not args.no_plot:
-        written.append(overhead_report.plot(results, out))
-    print("wrote " + ", ".join(str(p) for p in written))
+    results["meta"] = record.meta(jsonable(config))
+    write_outputs(args.out, results, overhead_report.markdown, None if args.no_plot else overhead_report.plot)
     return 0
 
 
