@@ -357,3 +357,12 @@ def test_a_run_past_its_timeout_is_killed() -> None:
     with pytest.raises(GlooRunError, match="collective_worker failed"):
         run_gloo(collective_worker, 2, [2**26], 50, timeout=2.0)
     assert time.monotonic() - started < 30
+
+
+def test_only_convolutions_wider_than_1x1_are_priced_with_an_unfold() -> None:
+    model = step_model(ProxySpec(), (10, 100))  # ResNet-50 at width 1/8
+    unfolded = sorted(layer.name for layer in model.layers if layer.im2col)
+    assert len(model.layers) == 54
+    assert unfolded == sorted(
+        ["conv1", *(f"layer{s}.{b}.conv2" for s, n in enumerate((3, 4, 6, 3), 1) for b in range(n))]
+    )

@@ -64,9 +64,7 @@ class Case:
         return [self.make_batch(n, gen) for n in sizes]
 
 
-def _dense_batch(
-    shape: tuple[int, ...], label_shape: tuple[int, ...] = ()
-) -> Callable[[int, torch.Generator], Batch]:
+def _dense_batch(shape: tuple[int, ...], label_shape: tuple[int, ...] = ()) -> Callable[[int, torch.Generator], Batch]:
     def make(n: int, gen: torch.Generator) -> Batch:
         x = torch.randn(n, *shape, generator=gen, dtype=DTYPE)
         y = torch.randint(0, CLASSES, (n, *label_shape), generator=gen)
@@ -75,9 +73,7 @@ def _dense_batch(
     return make
 
 
-def _conv2d_case(
-    name: str, cin: int, cout: int, k: int | tuple[int, int], hw: tuple[int, int], **kw: Any
-) -> Case:
+def _conv2d_case(name: str, cin: int, cout: int, k: int | tuple[int, int], hw: tuple[int, int], **kw: Any) -> Case:
     def model() -> nn.Module:
         return nn.Sequential(
             nn.Conv2d(cin, cout, k, **kw),
@@ -135,9 +131,7 @@ CASES = [
     _conv2d_case("conv2d_same_dil2", 3, 4, 3, (5, 5), padding="same", dilation=2),
     _conv2d_case("conv2d_same_even_kernel", 2, 3, (2, 4), (4, 5), padding="same"),
     _conv2d_case("conv2d_valid_rect", 3, 4, (2, 3), (5, 6), padding="valid", bias=False),
-    _conv2d_case(
-        "conv2d_dil_stride_pad_tuple", 3, 4, 3, (7, 8), dilation=(2, 1), stride=(1, 2), padding=(1, 2)
-    ),
+    _conv2d_case("conv2d_dil_stride_pad_tuple", 3, 4, 3, (7, 8), dilation=(2, 1), stride=(1, 2), padding=(1, 2)),
     _conv2d_case("conv2d_groups2", 4, 6, 3, (5, 5), groups=2, padding=1),
     _conv2d_case("conv2d_depthwise", 3, 6, 3, (5, 5), groups=3, padding=1, stride=2),
     _conv2d_case("conv2d_reflect", 3, 4, 3, (5, 5), padding=1, padding_mode="reflect"),
@@ -145,6 +139,9 @@ CASES = [
     _conv2d_case("conv2d_replicate_same", 2, 3, 4, (5, 5), padding="same", padding_mode="replicate"),
     _conv1d_case("conv1d_stride_dil", 3, 4, 3, 9, stride=2, padding=1, dilation=2),
     _conv1d_case("conv1d_groups_reflect", 4, 4, 3, 7, groups=2, padding=1, padding_mode="reflect"),
+    _conv2d_case("conv2d_pointwise_stride2", 3, 4, 1, (5, 6), stride=2),  # ResNet's downsample shortcut
+    _conv2d_case("conv2d_pointwise_pad_groups", 4, 6, 1, (3, 4), padding=1, groups=2, stride=(1, 3)),
+    _conv1d_case("conv1d_pointwise_stride3", 3, 4, 1, 8, stride=3, bias=False),
     _embedding_case("embedding", None),
     _embedding_case("embedding_padding_idx", 0),
 ]
@@ -182,9 +179,7 @@ def _expected_grads(
     return out
 
 
-def _check_grads(
-    got: dict[str, tuple[Tensor, Tensor | None]], exp: dict[str, tuple[Tensor, Tensor | None]]
-) -> None:
+def _check_grads(got: dict[str, tuple[Tensor, Tensor | None]], exp: dict[str, tuple[Tensor, Tensor | None]]) -> None:
     assert got.keys() == exp.keys()
     for name, (w, b) in exp.items():
         assert_rel_close(got[name][0], w, RTOL, f"{name}.weight.grad")
@@ -196,9 +191,7 @@ def _check_grads(
             assert_rel_close(gb, b, RTOL, f"{name}.bias.grad")
 
 
-def _check_factors(
-    got: dict[str, tuple[Tensor, Tensor]], ref: dict[str, RefLayer], rtol: float = 1e-10
-) -> None:
+def _check_factors(got: dict[str, tuple[Tensor, Tensor]], ref: dict[str, RefLayer], rtol: float = 1e-10) -> None:
     assert got.keys() == ref.keys()
     for name, layer in ref.items():
         a, g = got[name]
@@ -248,9 +241,7 @@ def test_running_average_and_preconditioned_grad(case: Case, method: str) -> Non
     decay = 0.75
     model, ref_model = _make(case, seed=1)
     batches = case.batches((4, 3, 5), seed=1)
-    records = run_steps(
-        model, _pre(model, compute_method=method, factor_decay=decay), batches, ce_per_example
-    )
+    records = run_steps(model, _pre(model, compute_method=method, factor_decay=decay), batches, ce_per_example)
     refs = [reference_layers(ref_model, x, y, ce_per_example) for x, y in batches]
     for k, rec in enumerate(records):
         a = {n: running_average([r[n].A for r in refs[: k + 1]], decay) for n in refs[k]}
@@ -278,9 +269,7 @@ def test_kl_clip_scales_every_layer(case: Case, method: str) -> None:
     kl_clip = 0.09 * lr**2 * abs(vg)  # nu = 0.3
     nu = kl_clip_scale(list(vs.values()), [r.M for r in ref.values()], kl_clip, lr)
     assert abs(nu - 0.3) < 1e-12
-    (rec,) = run_steps(
-        model, _pre(model, compute_method=method, kl_clip=kl_clip, lr=lr), batches, ce_per_example
-    )
+    (rec,) = run_steps(model, _pre(model, compute_method=method, kl_clip=kl_clip, lr=lr), batches, ce_per_example)
     exp = {n: split_gradient_matrix(r.module, nu * vs[n]) for n, r in ref.items()}
     _check_grads(rec.grads, exp)
 

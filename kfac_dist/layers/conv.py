@@ -67,12 +67,14 @@ class ConvLayer(KFACLayer):
         padded = self._padded(inputs)
         if self._is_1d:
             padded = padded.unsqueeze(2)
-        patches = F.unfold(
-            padded,
-            kernel_size=_as_pair(self.module.kernel_size, self._is_1d),
-            dilation=_as_pair(self.module.dilation, self._is_1d),
-            stride=_as_pair(self.module.stride, self._is_1d),
-        )  # (N, C * k, L), channel-major, so each group's channels are contiguous
+        kernel = _as_pair(self.module.kernel_size, self._is_1d)
+        stride = _as_pair(self.module.stride, self._is_1d)
+        if kernel == (1, 1):  # pointwise: the patches are the strided input itself, no im2col copy
+            patches = padded[:, :, :: stride[0], :: stride[1]].flatten(2)
+        else:
+            patches = F.unfold(
+                padded, kernel_size=kernel, dilation=_as_pair(self.module.dilation, self._is_1d), stride=stride
+            )  # (N, C * k, L), channel-major, so each group's channels are contiguous
         batch, _, locations = patches.shape
         groups = self.module.groups
         rows = patches.reshape(batch, groups, self._patch_size, locations)

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from kfac_dist.comm.accounting import collective_bytes
 from kfac_dist.planner import layer_shapes
 from launch.bench.common import BenchRun, positive_int, write_outputs
@@ -180,11 +182,17 @@ def network_from(raw: dict[str, dict[int, float]], local: dict[str, dict[int, fl
     return Network("gloo loopback (calibrated)", alpha, beta, source, local_alpha, local_beta)
 
 
+def _unfolds(module: nn.Module) -> bool:
+    """Whether kfac_dist takes the module's A rows through ``F.unfold`` (a convolution with a kernel > 1x1)."""
+    return isinstance(module, nn.Conv1d | nn.Conv2d) and any(k > 1 for k in module.kernel_size)
+
+
 def step_model(proxy: ProxySpec, freq: tuple[int, int]) -> StepModel:
     """The proxy as the step model sees it (meta device: nothing allocated)."""
     flops = layer_flops(proxy.builder, 2, proxy.input_shape, **proxy.kwargs)  # batch 2: BatchNorm needs > 1
-    layers = tuple(LayerWork(x.name, x.a, x.g, x.blocks, x.rows // 2) for x in flops)
     meta = proxy.build_meta()
+    modules = dict(meta.named_modules())
+    layers = tuple(LayerWork(x.name, x.a, x.g, x.blocks, x.rows // 2, _unfolds(modules[x.name])) for x in flops)
     params = list(meta.parameters())
     return StepModel(
         name=f"{proxy.builder} {proxy.kwargs}",

@@ -212,13 +212,18 @@ class Work:
 
 @dataclass(frozen=True)
 class LayerWork:
-    """What the work model needs of a preconditioned layer (one block's sides, blocks, output locations)."""
+    """What the work model needs of a preconditioned layer (one block's sides, blocks, output locations).
+
+    `im2col`: whether its input rows go through ``F.unfold`` (a convolution with a kernel larger than 1x1; a
+    pointwise convolution's rows are its strided input, a linear layer's its input).
+    """
 
     name: str
     a: int
     g: int
     blocks: int
     locations: int
+    im2col: bool = True
 
 
 def layer_work(layer: LayerWork, phase: str, batch: int) -> Work:
@@ -226,9 +231,9 @@ def layer_work(layer: LayerWork, phase: str, batch: int) -> Work:
 
     Counted from the library's code (R = batch x locations rows; bytes are read + written):
 
-    - factors: the im2col of A's rows (every layer is taken for a convolution: the one linear layer of a ResNet
-      has few rows), the pad and permute copies of the rows of A and G, the scaling of G's rows, two Gram GEMMs
-      ``rows^T rows`` and the two normalising divisions (6 memory-bound ops);
+    - factors: the im2col of A's rows (layers with ``im2col``), the pad and permute copies of the rows of A and
+      G, the scaling of G's rows, two Gram GEMMs ``rows^T rows`` and the two normalising divisions (6
+      memory-bound ops);
     - factor update: ``isfinite(.).all()`` of A and G, their ``&``, and two running averages (``mul`` +
       ``add_`` each);
     - decomposition: ``eigh`` of A and G, finite checks of their eigenvalues and eigenvectors, the clamps;
@@ -245,8 +250,8 @@ def layer_work(layer: LayerWork, phase: str, batch: int) -> Work:
             gemm_flops=2.0 * rows * squares,
             copy_calls=6,
             copy_bytes=FLOAT_BYTES * (2.0 * rows * a + 4.0 * rows * g + 2.0 * squares),
-            im2col_calls=1,
-            im2col_bytes=FLOAT_BYTES * rows * a,
+            im2col_calls=float(layer.im2col),
+            im2col_bytes=FLOAT_BYTES * rows * a * layer.im2col,
         ),
         "factor_update": Work(
             copy_calls=5, copy_bytes=FLOAT_BYTES * 5.0 * squares, finite_calls=2, finite_bytes=FLOAT_BYTES * squares
