@@ -2,7 +2,7 @@
 
 ``kfac-dist train --config FILE [key.path=value ...]`` trains from a YAML config (:mod:`launch.train`); without
 ``--config`` it runs the embedded default (a small CNN on MNIST-5k with SGD + K-FAC) and ends with a
-``final test accuracy: X.XXXX`` line.
+``final test accuracy: <fraction of the test split, 4 decimals>`` line.
 
 ``kfac-dist plan --model resnet50 --world-size 64 ...`` prints what a distributed run would hold and move per rank
 (memory by category, bytes per step by category, decomposition load, beside KAISA's scheme) without starting a

@@ -21,7 +21,7 @@ import pytest
 
 from kfac_dist.planner import plan_model
 from launch.bench import scaling, scaling_report
-from launch.bench.gloo_runs import GlooRunError, ProxySpec, run_gloo
+from launch.bench.gloo_runs import ProxySpec
 from launch.bench.scaling import FRACTIONS, Settings, kernels_from, network_from, overheads_from, step_model
 from launch.bench.scaling_model import (
     KFAC_PHASES,
@@ -36,6 +36,7 @@ from launch.bench.scaling_model import (
     predict_sgd,
 )
 from launch.bench.scaling_runs import collective_worker
+from launch.processes import GlooRunError, run_gloo
 
 OPS = ("allreduce", "reduce", "broadcast")
 ZERO = LinearFit(0.0, 0.0)

@@ -37,7 +37,8 @@ from kfac_dist.comm import TorchDistCommunicator
 from kfac_dist.placement import Plan, num_grad_workers, resolve_grad_worker_fraction
 from kfac_dist.planner import STEP_KINDS, PlanReport, plan_model
 from launch.bench.common import BenchRun, positive_int, write_outputs
-from launch.bench.gloo_runs import ProxySpec, average_gradients, run_gloo
+from launch.bench.gloo_runs import BENCH_LIMITS, ProxySpec, average_gradients
+from launch.processes import run_gloo
 
 __all__ = [
     "FRACTIONS",
@@ -262,7 +263,7 @@ def real_check(
     for world_size in world_sizes:
         cases = real_cases(world_size)
         started = time.perf_counter()
-        recorded = run_gloo(train_and_record, world_size, proxy, cases, steps, batch, freq)
+        recorded = run_gloo(train_and_record, world_size, proxy, cases, steps, batch, freq, **BENCH_LIMITS)
         seconds = time.perf_counter() - started
         model = proxy.build_meta()
         for index, case in enumerate(cases):

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.bench.comm import FRACTION_TITLES, FRACTIONS, SCHEME_TITLES, SCHEMES
+from launch.bench.common import md_header, md_row
 
 __all__ = ["markdown", "plot"]
 
@@ -19,24 +20,16 @@ def _mib(value: float) -> str:
     return f"{value / MIB:,.1f}" if value >= 10 * MIB else f"{value / MIB:,.2f}"
 
 
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def _head(cells: list[str]) -> list[str]:
-    return [_row(cells), "|" + "---|" * len(cells)]
-
-
 def bytes_table(rows: list[dict[str, Any]]) -> list[str]:
     """Amortised traffic per rank per step (MiB), mean and max over ranks, per scheme."""
-    lines = _head(
+    lines = md_header(
         ["W", "f", "g", "ours mean", "ours max", "KAISA mean", "KAISA max", "KAISA+tri max", "ours / KAISA (max)"]
     )
     for row in rows:
         s = {k: v["bytes"]["amortised"] for k, v in row["schemes"].items()}
         ratio = s["ours"]["max"] / s["kaisa"]["max"] if s["kaisa"]["max"] else float("nan")
         lines.append(
-            _row(
+            md_row(
                 [str(row["world_size"]), FRACTION_TITLES[row["fraction"]], str(row["grad_workers"])]
                 + [_mib(s[k][m]) for k in ("ours", "kaisa") for m in ("mean", "max")]
                 + [_mib(s["kaisa_packed"]["max"]), f"{ratio:.2f}"]
@@ -48,13 +41,13 @@ def bytes_table(rows: list[dict[str, Any]]) -> list[str]:
 def kinds_table(rows: list[dict[str, Any]]) -> list[str]:
     """Traffic per rank (max over ranks, MiB) in each kind of step, ours and KAISA's, with the main category."""
     head = ["W", "f"] + [f"{s} {k} step" for s in ("ours", "KAISA") for k, _ in KINDS]
-    lines = _head(head)
+    lines = md_header(head)
     for row in rows:
         cells = [str(row["world_size"]), FRACTION_TITLES[row["fraction"]]]
         for scheme in ("ours", "kaisa"):
             per_kind = row["schemes"][scheme]["bytes"]
             cells += [_mib(per_kind[kind]["max"]) if kind in per_kind else "-" for kind, _ in KINDS]
-        lines.append(_row(cells))
+        lines.append(md_row(cells))
     return lines
 
 
@@ -62,13 +55,13 @@ def category_table(rows: list[dict[str, Any]]) -> list[str]:
     """Amortised traffic by category (max over ranks, MiB), ours and KAISA's."""
     cats = ("factor_reduce", "decomposition_broadcast", "gradient_broadcast")
     short = {"factor_reduce": "factors", "decomposition_broadcast": "decomp.", "gradient_broadcast": "gradients"}
-    lines = _head(["W", "f"] + [f"{s} {short[c]}" for s in ("ours", "KAISA") for c in cats])
+    lines = md_header(["W", "f"] + [f"{s} {short[c]}" for s in ("ours", "KAISA") for c in cats])
     for row in rows:
         cells = [str(row["world_size"]), FRACTION_TITLES[row["fraction"]]]
         for scheme in ("ours", "kaisa"):
             by = row["schemes"][scheme]["bytes"]["amortised"]["by_category"]
             cells += [_mib(by[c]["max"]) for c in cats]
-        lines.append(_row(cells))
+        lines.append(md_row(cells))
     return lines
 
 
@@ -76,7 +69,7 @@ def memory_table(rows: list[dict[str, Any]]) -> list[str]:
     """K-FAC memory per rank (MiB): ours by category (max over ranks), totals beside KAISA's."""
     head = ["W", "f", "ours factors", "ours decompositions", "ours buffers", "ours total max", "ours total mean"]
     head += ["KAISA total max", "KAISA+tri total max", "ours / KAISA (max)"]
-    lines = _head(head)
+    lines = md_header(head)
     for row in rows:
         ours = row["schemes"]["ours"]["memory"]
         kaisa = row["schemes"]["kaisa"]["memory"]
@@ -84,14 +77,14 @@ def memory_table(rows: list[dict[str, Any]]) -> list[str]:
         cells += [_mib(ours["by_category_max"][c]) for c in ("factors", "decompositions", "buffers")]
         cells += [_mib(ours["max"]), _mib(ours["mean"]), _mib(kaisa["max"])]
         cells += [_mib(row["schemes"]["kaisa_packed"]["memory"]["max"]), f"{ours['max'] / kaisa['max']:.2f}"]
-        lines.append(_row(cells))
+        lines.append(md_row(cells))
     return lines
 
 
 def check_table(cases: list[dict[str, Any]]) -> list[str]:
     """The real gloo runs beside the planner: one row per W, fraction and scheme."""
     head = ["W", "f", "g", "scheme", "steps (kinds)", "bytes recorded, per rank (MiB)", "memory per rank (MiB)"]
-    lines = _head([*head, "integers compared", "equal to the planner"])
+    lines = md_header([*head, "integers compared", "equal to the planner"])
     for case in cases:
         equal = "yes" if case["equal"] else f"**no** ({len(case['mismatches'])}+ mismatches)"
         if "amortised_equal" in case:
@@ -99,7 +92,7 @@ def check_table(cases: list[dict[str, Any]]) -> list[str]:
         cells = [str(case["world_size"]), FRACTION_TITLES[case["fraction"]], str(case["grad_workers"])]
         cells += [SCHEME_TITLES[case["scheme"]], f"{case['steps']} ({', '.join(case['kinds'])})"]
         cells += [" / ".join(_mib(t) for t in case["traffic"]), " / ".join(_mib(m) for m in case["memory"])]
-        lines.append(_row([*cells, f"{case['compared']:,}", equal]))
+        lines.append(md_row([*cells, f"{case['compared']:,}", equal]))
     return lines
 
 

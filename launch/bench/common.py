@@ -8,13 +8,13 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["BenchRun", "machine", "positive_int", "write_outputs"]
+__all__ = ["BenchRun", "machine", "md_header", "md_row", "positive_int", "write_outputs"]
 
 Markdown = Callable[[dict[str, Any]], str]
 Plot = Callable[[dict[str, Any], Path], "Path | list[Path]"]
@@ -26,6 +26,16 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return value
+
+
+def md_row(cells: Sequence[str]) -> str:
+    """One Markdown table row."""
+    return "| " + " | ".join(cells) + " |"
+
+
+def md_header(cells: Sequence[str]) -> list[str]:
+    """A Markdown table's header row and separator."""
+    return [md_row(cells), "|" + "---|" * len(cells)]
 
 
 def machine() -> str:

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kfac_dist import KFACPreconditioner
 from kfac_dist.models import build_model
+from launch.bench.timed_step import new_regions, timed_step
 
 __all__ = [
     "LIBRARY_PHASE_MAP",
@@ -151,35 +151,26 @@ class Arm:
         profiled = self.profiled
         if pre is not None:
             pre.reset_phase_times()
-        times = BlockTimes(steps=steps, wall=0.0)
+        regions = new_regions()
         clock = time.perf_counter
         gc.collect()
         cpu_start = time.process_time()
         start = clock()
         for _ in range(steps):
-            x, y = batches[self.position % len(batches)]
+            batch = batches[self.position % len(batches)]
             self.position += 1
-            t0 = clock()
-            optimizer.zero_grad()
-            t1 = clock()
-            before = pre.phase_times()["factor_computation"] if profiled and pre is not None else 0.0
-            loss = F.cross_entropy(model(x), y)
-            t2 = clock()
-            if profiled and pre is not None:
-                times.factor_in_forward += pre.phase_times()["factor_computation"] - before
-            loss.backward()
-            t3 = clock()
-            if pre is not None:
-                pre.step()
-            t4 = clock()
-            optimizer.step()
-            t5 = clock()
-            times.optimizer += (t1 - t0) + (t5 - t4)
-            times.forward += t2 - t1
-            times.backward += t3 - t2
-            times.kfac_step += t4 - t3
-        times.wall = clock() - start
-        times.cpu = time.process_time() - cpu_start
+            loss = timed_step(model, optimizer, pre, batch, regions, profiled)
+        wall, cpu = clock() - start, time.process_time() - cpu_start
+        times = BlockTimes(
+            steps=steps,
+            wall=wall,
+            cpu=cpu,
+            forward=regions["forward"],
+            backward=regions["backward"],
+            kfac_step=regions["kfac_step"],
+            optimizer=regions["zero_grad"] + regions["optimizer_step"],
+            factor_in_forward=regions["factor_in_forward"],
+        )
         self.last_loss = float(loss.detach())
         if pre is not None and profiled:
             times.library = pre.phase_times()

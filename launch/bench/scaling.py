@@ -42,7 +42,7 @@ from torch import nn
 from kfac_dist.comm.accounting import collective_bytes
 from kfac_dist.planner import layer_shapes
 from launch.bench.common import BenchRun, positive_int, write_outputs
-from launch.bench.gloo_runs import ProxySpec, run_gloo
+from launch.bench.gloo_runs import BENCH_LIMITS, ProxySpec
 from launch.bench.overhead_flops import layer_flops
 from launch.bench.scaling_model import (
     KFAC_PHASES,
@@ -64,6 +64,7 @@ from launch.bench.scaling_runs import (
     measure_kernels,
     scaling_worker,
 )
+from launch.processes import run_gloo
 
 __all__ = ["IB_NETWORK", "Settings", "add_arguments", "main", "run", "run_benchmark"]
 
@@ -293,7 +294,7 @@ def run_benchmark(settings: Settings, log: Log = print) -> dict[str, Any]:
         settings.proxy, batches, settings.gemm_sizes, settings.copy_bytes, settings.im2col_shapes, settings.eigh_sides
     )
     log("network calibration (gloo, W=2 and W=1)")
-    raw_net = run_gloo(collective_worker, 2, settings.collective_bytes, settings.collective_reps)
+    raw_net = run_gloo(collective_worker, 2, settings.collective_bytes, settings.collective_reps, **BENCH_LIMITS)
     net_times = {op: {n: max(r[op][n] for r in raw_net) for n in raw_net[0][op]} for op in raw_net[0]}
     local = run_gloo(
         local_worker,
@@ -302,6 +303,7 @@ def run_benchmark(settings: Settings, log: Log = print) -> dict[str, Any]:
         settings.collective_reps,
         settings.tensor_counts,
         settings.tiny_layers,
+        **BENCH_LIMITS,
     )[0]
     launches = []
     for round_ in range(settings.rounds):
@@ -310,7 +312,7 @@ def run_benchmark(settings: Settings, log: Log = print) -> dict[str, Any]:
             started = time.perf_counter()
             arms = settings.arms(world_size)
             args = (settings.proxy, arms, settings.block_steps, settings.warmup_steps, round_, round_ == 0)
-            ranks = run_gloo(scaling_worker, world_size, *args, settings.freq)
+            ranks = run_gloo(scaling_worker, world_size, *args, settings.freq, **BENCH_LIMITS)
             launches.append({"world_size": world_size, "round": round_, "ranks": ranks})
             steps = ", ".join(f"{a.name} {1e3 * per_step(ranks[0]['blocks'][a.name]):.1f} ms" for a in arms)
             log(
@@ -381,13 +383,13 @@ def command_line(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``kfac-dist bench scaling``; write JSON, Markdown and PNG at ``--out``."""
-    from launch.bench import scaling_report
+    from launch.bench import scaling_plot, scaling_report
 
     settings = settings_from_args(args)
     record = BenchRun(command_line(args), settings.threads)
     results = run_benchmark(settings, log=lambda line: print(line, flush=True))
     results["meta"] = record.meta(asdict(settings))
-    write_outputs(args.out, results, scaling_report.markdown, None if args.no_plot else scaling_report.plot)
+    write_outputs(args.out, results, scaling_report.markdown, None if args.no_plot else scaling_plot.plot)
     return 0
 
 

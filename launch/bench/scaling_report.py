@@ -1,66 +1,38 @@
-"""Markdown tables and the PNG of a ``kfac-dist bench scaling`` run (:func:`launch.bench.scaling.run`).
+"""The Markdown report of a ``kfac-dist bench scaling`` run (:func:`launch.bench.scaling.run`).
+
+Calibration tables: :mod:`launch.bench.scaling_calibration_report`; the PNG: :mod:`launch.bench.scaling_plot`.
 
 Works on the in-memory results and on the JSON read back (integer keys become strings there).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-from kfac_dist.comm.accounting import collective_bytes
+from launch.bench.common import md_header, md_row
 from launch.bench.scaling import FRACTIONS
+from launch.bench.scaling_calibration_report import (
+    PHASE_TITLES,
+    collective_table,
+    compute_table,
+    kernel_points_table,
+    kernel_table,
+    ms,
+    network_table,
+    overhead_table,
+    pct,
+    rate,
+)
 from launch.bench.scaling_model import PHASES
 
-__all__ = ["BUSY", "TOLERANCE", "efficiency", "markdown", "plot"]
+__all__ = ["BUSY", "OPTIMIZERS", "TOLERANCE", "efficiency", "markdown", "world_size_of"]
 
 #: The issue's criterion: the model predicts the measured W = 1 and 2 step times within 15%.
 TOLERANCE = 0.15
 #: Below this CPU time / wall time, a process did not have a core to itself.
 BUSY = 0.9
 OPTIMIZERS = {"sgd": "SGD", "kfac": "K-FAC"}
-PHASE_TITLES = {
-    "compute": "compute",
-    "grad_allreduce": "grad allreduce",
-    "factor_computation": "factors",
-    "factor_communication": "factor comm",
-    "factor_update": "factor update",
-    "decomposition": "decomp",
-    "decomposition_broadcast": "decomp bcast",
-    "preconditioning": "precond",
-    "gradient_broadcast": "grad bcast",
-    "kl_clip": "KL clip",
-    "unattributed": "unattributed",
-}
-COLORS = {"sgd": "black", "comm-opt": "#55a868", "hybrid-opt": "#4c72b0", "mem-opt": "#c44e52"}
-STYLES = ("--", "-")  # calibrated gloo network, assumed network
-
-
-def _row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def _head(cells: Sequence[str]) -> list[str]:
-    return [_row(cells), "|" + "---|" * len(cells)]
-
-
-def _ms(seconds: float) -> str:
-    value = 1e3 * seconds
-    return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
-
-
-def _us(seconds: float) -> str:
-    return f"{1e6 * seconds:.3g}"
-
-
-def _rate(items: float, seconds: float) -> str:
-    value = items / seconds
-    return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
-
-
-def _pct(fraction: float) -> str:
-    return f"{100 * fraction:+.1f}%"
 
 
 def efficiency(global_batch: int, step_s: float, world_size: int, base_batch: int, base_s: float) -> float:
@@ -73,14 +45,14 @@ def measured_table(measured: list[dict[str, Any]]) -> list[str]:
     """Per W and mode: median step times (rank 0), throughput, K-FAC / SGD and scaling efficiency vs W = 1."""
     head = ["mode", "W", "batch per rank", "global batch", "SGD ms/step", "K-FAC ms/step", "K-FAC / SGD"]
     head += ["SGD img/s", "K-FAC img/s", "SGD eff.", "K-FAC eff.", "per round SGD / K-FAC (ms)", "min busy"]
-    lines = _head(head)
+    lines = md_header(head)
     rows = {(r["mode"], r["optimizer"], r["world_size"]): r for r in measured}
     for mode in ("weak", "strong"):
         for world_size in sorted({w for m, _, w in rows if m == mode}):
             sgd, kfac = rows[(mode, "sgd", world_size)], rows[(mode, "kfac", world_size)]
             cells = [mode, str(world_size), str(sgd["batch"]), str(sgd["global_batch"])]
-            cells += [_ms(sgd["median_s"]), _ms(kfac["median_s"]), f"{kfac['median_s'] / sgd['median_s']:.2f}x"]
-            cells += [_rate(r["global_batch"], r["median_s"]) for r in (sgd, kfac)]
+            cells += [ms(sgd["median_s"]), ms(kfac["median_s"]), f"{kfac['median_s'] / sgd['median_s']:.2f}x"]
+            cells += [rate(r["global_batch"], r["median_s"]) for r in (sgd, kfac)]
             for r in (sgd, kfac):
                 base = rows.get((mode, r["optimizer"], 1))
                 if base is None:
@@ -88,16 +60,16 @@ def measured_table(measured: list[dict[str, Any]]) -> list[str]:
                     continue
                 eff = efficiency(r["global_batch"], r["median_s"], world_size, base["global_batch"], base["median_s"])
                 cells.append(f"{eff:.2f}")
-            rounds = [f"{_ms(s)} / {_ms(k)}" for s, k in zip(sgd["step_s"], kfac["step_s"], strict=True)]
+            rounds = [f"{ms(s)} / {ms(k)}" for s, k in zip(sgd["step_s"], kfac["step_s"], strict=True)]
             cells += ["; ".join(rounds), f"{min(sgd['min_busy'], kfac['min_busy']):.2f}"]
-            lines.append(_row(cells))
+            lines.append(md_row(cells))
     return lines
 
 
 def phase_table(measured: list[dict[str, Any]], validation: list[dict[str, Any]]) -> list[str]:
     """Per W and arm: the profiled phases (max over ranks) above the model's phases (ms per step)."""
     columns = [*PHASES, "unattributed"]
-    lines = _head(["W", "arm", "source", *(PHASE_TITLES[p] for p in columns), "step"])
+    lines = md_header(["W", "arm", "source", *(PHASE_TITLES[p] for p in columns), "step"])
     predicted = {(v["world_size"], v["mode"], v["optimizer"]): v["predicted_phases"] for v in validation}
     for row in measured:
         if "phases" not in row:
@@ -108,114 +80,8 @@ def phase_table(measured: list[dict[str, Any]], validation: list[dict[str, Any]]
             if phases is None:
                 continue
             cells = [str(row["world_size"]), arm, source]
-            cells += [_ms(phases[p]) if p in phases else "-" for p in columns]
-            lines.append(_row([*cells, _ms(phases["step"])]))
-    return lines
-
-
-# ------------------------------------------------------------------------------------------------ calibration
-def kernel_table(calibration: dict[str, Any]) -> list[str]:
-    """The fitted kernel lines: per-call time and rate."""
-    fits, raw = calibration["kernels"], calibration["raw"]
-    gemm, copy, im2col = fits["gemm"], fits["copy"], fits["im2col"]
-    finite, eigh = fits["finite"], fits["eigh"]
-    rows = [
-        ["GEMM (batched x^T @ y)", "t = t_call + FLOPs / rate", gemm, f"{1e-9 / gemm['slope']:.3g} GFLOP/s"]
-        + [", ".join("x".join(map(str, g["shape"])) for g in raw["gemm"])],
-        ["memory-bound op (x * 0.5)", "t = t_call + bytes / bandwidth", copy, f"{1e-9 / copy['slope']:.3g} GB/s"]
-        + [", ".join(f"{c['bytes'] // 2:,} B" for c in raw["copy"])],
-        ["im2col (F.unfold)", "t = t_call + bytes written / rate", im2col, f"{1e-9 / im2col['slope']:.3g} GB/s"]
-        + [", ".join("x".join(map(str, c["shape"])) for c in raw["im2col"])],
-        ["isfinite(t).all()", "t = t_call + bytes / rate", finite, f"{1e-9 / finite['slope']:.3g} GB/s"]
-        + [", ".join(f"{c['bytes']:,} B" for c in raw["finite"])],
-        ["eigh (with vectors)", "t = t0 + c n^3", eigh, f"c = {1e9 * eigh['slope']:.3g} ns"]
-        + ["n = " + ", ".join(str(e["n"]) for e in raw["eigh"])],
-    ]
-    lines = _head(["kernel", "line", "per call (us)", "rate", "points"])
-    for name, line, fit, rate, points in rows:
-        lines.append(_row([name, line, _us(fit["intercept"]), rate, points]))
-    return lines
-
-
-def kernel_points_table(calibration: dict[str, Any]) -> list[str]:
-    """Every calibration point beside its fitted line (how well a line describes the kernel)."""
-    fits, raw = calibration["kernels"], calibration["raw"]
-    lines = _head(["kernel", "size", "measured (us)", "line (us)", "line / measured"])
-    points = [("GEMM", "x".join(map(str, g["shape"])), g["flops"], g["seconds"], "gemm") for g in raw["gemm"]]
-    points += [("copy", f"{c['bytes'] // 2:,} B", c["bytes"], c["seconds"], "copy") for c in raw["copy"]]
-    points += [("im2col", "x".join(map(str, c["shape"])), c["bytes"], c["seconds"], "im2col") for c in raw["im2col"]]
-    points += [("isfinite", f"{c['bytes']:,} B", c["bytes"], c["seconds"], "finite") for c in raw["finite"]]
-    points += [("eigh", f"n = {e['n']}", float(e["n"]) ** 3, e["seconds"], "eigh") for e in raw["eigh"]]
-    for name, size, x, seconds, fit in points:
-        line = fits[fit]["intercept"] + fits[fit]["slope"] * x
-        lines.append(_row([name, size, _us(seconds), _us(line), f"{line / seconds:.2f}"]))
-    return lines
-
-
-def overhead_table(calibration: dict[str, Any]) -> list[str]:
-    """What the library costs beyond its counted kernels: per layer and phase, and per gradient tensor."""
-    tiny, overhead = calibration["tiny_phases_s"], calibration["layer_overhead_s"]
-    lines = _head(["cost", "measured (us)", "used by the model (us)"])
-    for phase, seconds in overhead.items():
-        lines.append(_row([f"{PHASE_TITLES[phase]}, per layer", _us(tiny[phase]), _us(seconds)]))
-    sync = sorted(calibration["grad_sync_s"].items(), key=lambda item: int(item[0]))
-    measured = ", ".join(f"{_us(seconds)} at T = {count}" for count, seconds in sync)
-    lines.append(_row(["gradient allreduce, per tensor", measured, _us(calibration["tensor_overhead_s"])]))
-    return lines
-
-
-def compute_table(calibration: dict[str, Any]) -> list[str]:
-    """The proxy's forward + backward and optimizer step per per-rank batch (one process, W = 1 compute)."""
-    lines = _head(["batch per rank", "forward + backward (ms)", "optimizer (ms)", "compute (ms)", "img/s"])
-    for batch, times in sorted(calibration["raw"]["compute"].items(), key=lambda item: int(item[0])):
-        total = times["forward_backward"] + times["optimizer"]
-        lines.append(
-            _row(
-                [
-                    str(batch),
-                    _ms(times["forward_backward"]),
-                    _ms(times["optimizer"]),
-                    _ms(total),
-                    _rate(int(batch), total),
-                ]
-            )
-        )
-    return lines
-
-
-def network_table(networks: list[dict[str, Any]]) -> list[str]:
-    """Alpha (per log2 level) and beta (as a bandwidth) per collective of each network."""
-    lines = _head(["network", "op", "alpha (us per level)", "1 / beta (GB/s)", "one rank: us + GB/s", "source"])
-    for net in networks:
-        for op in sorted(net["alpha"]):
-            local_alpha, local_beta = net["local_alpha"].get(op, 0.0), net["local_beta"].get(op, 0.0)
-            local = f"{_us(local_alpha)} + {_bandwidth(local_beta)}" if local_alpha or local_beta else "free"
-            cells = [net["name"], op, _us(net["alpha"][op]), _bandwidth(net["beta"][op]), local, net["source"]]
-            lines.append(_row(cells))
-    return lines
-
-
-def _bandwidth(seconds_per_byte: float) -> str:
-    return f"{1e-9 / seconds_per_byte:.3g}" if seconds_per_byte > 0 else "inf"
-
-
-def collective_table(calibration: dict[str, Any]) -> list[str]:
-    """The measured gloo collectives at W = 2 and W = 1 beside the calibrated network's lines."""
-    gloo = calibration["networks"][0]
-    head = ["W", "op", "bytes", "busiest member moves (bytes)", "measured (us)", "model (us)", "model / measured"]
-    lines = _head(head)
-    for world_size, key in ((2, "collectives_s"), (1, "local_collectives_s")):
-        group = range(world_size)
-        for op, times in calibration[key].items():
-            for size, seconds in sorted(times.items(), key=lambda item: int(item[0])):
-                root = None if op == "allreduce" else 0
-                busiest = max(max(collective_bytes(op, int(size), group, r, root)) for r in group)
-                if world_size == 1:
-                    model = gloo["local_alpha"][op] + gloo["local_beta"][op] * int(size)
-                else:
-                    model = gloo["alpha"][op] + gloo["beta"][op] * busiest
-                cells = [str(world_size), op, f"{int(size):,}", f"{busiest:,}", _us(seconds), _us(model)]
-                lines.append(_row([*cells, f"{model / seconds:.2f}"]))
+            cells += [ms(phases[p]) if p in phases else "-" for p in columns]
+            lines.append(md_row([*cells, ms(phases["step"])]))
     return lines
 
 
@@ -227,7 +93,7 @@ def validation_table(validation: list[dict[str, Any]], measured: list[dict[str, 
     """
     busy = {(r["world_size"], r["mode"], r["optimizer"]): r["min_busy"] for r in measured}
     head = ["W", "arm", "batch per rank", "measured ms/step", "model ms/step", "model / measured - 1", "min busy"]
-    lines = _head([*head, "verdict"])
+    lines = md_header([*head, "verdict"])
     for v in validation:
         key = (v["world_size"], v["mode"], v["optimizer"])
         if v["validation_point"]:
@@ -236,8 +102,8 @@ def validation_table(validation: list[dict[str, Any]], measured: list[dict[str, 
         else:
             verdict = "not validated: oversubscribed"
         cells = [str(v["world_size"]), f"{v['mode']} {OPTIMIZERS[v['optimizer']]}", str(v["batch"])]
-        cells += [_ms(v["median_s"]), _ms(v["predicted_s"]), _pct(v["error"]), f"{busy[key]:.2f}", verdict]
-        lines.append(_row(cells))
+        cells += [ms(v["median_s"]), ms(v["predicted_s"]), pct(v["error"]), f"{busy[key]:.2f}", verdict]
+        lines.append(md_row(cells))
     return lines
 
 
@@ -251,7 +117,7 @@ def verdict_line(validation: list[dict[str, Any]]) -> str:
     sizes = ", ".join(str(w) for w in sorted({v["world_size"] for v in points}))
     return (
         f"- **Validation (W = {sizes}): {inside} of {len(points)} predicted step times within "
-        f"{100 * TOLERANCE:.0f}% of the measurement**; largest error {_pct(worst['error'])} "
+        f"{100 * TOLERANCE:.0f}% of the measurement**; largest error {pct(worst['error'])} "
         f"(W = {worst['world_size']}, {worst['mode']} {OPTIMIZERS[worst['optimizer']]})."
     )
 
@@ -261,33 +127,33 @@ def prediction_table(rows: list[dict[str, Any]]) -> list[str]:
     head = ["W", "batch per rank", "global batch", "SGD ms", "SGD img/s", "SGD eff."]
     for fraction in FRACTIONS:
         head += [f"K-FAC {fraction} ms", "/ SGD", "eff."]
-    lines = _head(head)
+    lines = md_header(head)
     base = next((r for r in rows if r["world_size"] == 1), None)
     for r in rows:
         w, gb = r["world_size"], r["global_batch"]
-        cells = [str(w), str(r["batch"]), str(gb), _ms(r["sgd_s"]), _rate(gb, r["sgd_s"])]
+        cells = [str(w), str(r["batch"]), str(gb), ms(r["sgd_s"]), rate(gb, r["sgd_s"])]
         cells.append(f"{efficiency(gb, r['sgd_s'], w, base['global_batch'], base['sgd_s']):.2f}" if base else "-")
         for fraction in FRACTIONS:
             step = r["kfac"][fraction]["step_s"]
-            cells += [_ms(step), f"{step / r['sgd_s']:.2f}x"]
+            cells += [ms(step), f"{step / r['sgd_s']:.2f}x"]
             if base:
                 eff = efficiency(gb, step, w, base["global_batch"], base["kfac"][fraction]["step_s"])
                 cells.append(f"{eff:.2f}")
             else:
                 cells.append("-")
-        lines.append(_row(cells))
+        lines.append(md_row(cells))
     return lines
 
 
 def largest_w_phase_table(predictions: list[dict[str, Any]]) -> list[str]:
     """The predicted amortised K-FAC phases at the largest W of each network and mode (ms per step)."""
-    lines = _head(["network", "mode", "W", "fraction", *(PHASE_TITLES[p] for p in PHASES), "step"])
+    lines = md_header(["network", "mode", "W", "fraction", *(PHASE_TITLES[p] for p in PHASES), "step"])
     groups = dict.fromkeys((r["network"], r["mode"]) for r in predictions)
     for network, mode in groups:
-        last = max((r for r in predictions if (r["network"], r["mode"]) == (network, mode)), key=_world)
+        last = max((r for r in predictions if (r["network"], r["mode"]) == (network, mode)), key=world_size_of)
         for fraction, k in last["kfac"].items():
-            cells = [network, mode, str(last["world_size"]), fraction, *(_ms(k["phases"][p]) for p in PHASES)]
-            lines.append(_row([*cells, _ms(k["step_s"])]))
+            cells = [network, mode, str(last["world_size"]), fraction, *(ms(k["phases"][p]) for p in PHASES)]
+            lines.append(md_row([*cells, ms(k["step_s"])]))
     return lines
 
 
@@ -309,7 +175,8 @@ def _strong_range(predictions: list[dict[str, Any]]) -> str:
     return f"{max(batches)} down to {min(batches)}" if batches else "-"
 
 
-def _world(row: Mapping[str, Any]) -> int:
+def world_size_of(row: Mapping[str, Any]) -> int:
+    """A row's world size (an int also when read back from JSON)."""
     return int(row["world_size"])
 
 
@@ -397,7 +264,7 @@ def markdown(results: dict[str, Any]) -> str:
     for network in dict.fromkeys(r["network"] for r in results["predictions"]):
         for mode in ("weak", "strong"):
             rows = sorted(
-                (r for r in results["predictions"] if (r["network"], r["mode"]) == (network, mode)), key=_world
+                (r for r in results["predictions"] if (r["network"], r["mode"]) == (network, mode)), key=world_size_of
             )
             if rows:
                 lines += [f"### {network}, {mode} scaling", "", *prediction_table(rows), ""]
@@ -408,57 +275,3 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ plot
-def plot(results: dict[str, Any], out: Path) -> Path:
-    """Predicted throughput vs W (log-log), weak and strong scaling, with the measurements; writes ``<out>.png``.
-
-    Lines: SGD (black) and K-FAC per grad-worker fraction, dashed for the calibrated gloo network and solid for
-    the assumed one. Filled markers: measured throughput; open markers: the model at the measured configurations.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    networks = list(dict.fromkeys(r["network"] for r in results["predictions"]))
-    for ax, mode in zip(axes, ("weak", "strong"), strict=True):
-        for style, network in zip(STYLES, networks, strict=False):
-            rows = sorted(
-                (r for r in results["predictions"] if (r["network"], r["mode"]) == (network, mode)), key=_world
-            )
-            sizes = [r["world_size"] for r in rows]
-            series = {"sgd": [r["global_batch"] / r["sgd_s"] for r in rows]}
-            series |= {f: [r["global_batch"] / r["kfac"][f]["step_s"] for r in rows] for f in FRACTIONS}
-            for name, values in series.items():
-                label = f"{'SGD' if name == 'sgd' else 'K-FAC ' + name}, {network}"
-                ax.plot(sizes, values, linestyle=style, color=COLORS[name], label=label, linewidth=1.2)
-        for optimizer, color in (("sgd", COLORS["sgd"]), ("kfac", COLORS["comm-opt"])):
-            measured = [r for r in results["measured"] if (r["mode"], r["optimizer"]) == (mode, optimizer)]
-            model = [v for v in results["validation"] if (v["mode"], v["optimizer"]) == (mode, optimizer)]
-            ax.plot([r["world_size"] for r in measured], [r["global_batch"] / r["median_s"] for r in measured],
-                    "o", color=color, markersize=7, label=f"measured {OPTIMIZERS[optimizer]}")  # fmt: skip
-            ax.plot([v["world_size"] for v in model], [v["global_batch"] / v["predicted_s"] for v in model],
-                    "o", color=color, markerfacecolor="none", markersize=11,
-                    label=f"model at the measured configuration, {OPTIMIZERS[optimizer]}")  # fmt: skip
-        batches = sorted({r["global_batch"] for r in results["measured"] if r["mode"] == mode})
-        title = f"{mode} scaling: measured global batch {', '.join(map(str, batches))}"
-        if mode == "strong":
-            predicted = sorted({r["global_batch"] for r in results["predictions"] if r["mode"] == mode})
-            title += f"; predicted {', '.join(map(str, predicted))}"
-        ax.set_title(title, fontsize=9)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("world size W")
-        ax.set_ylabel("images / s")
-        ax.grid(alpha=0.3, which="both")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
-    fig.suptitle("Predicted throughput (lines) and gloo measurements (markers)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.2, 1, 0.95))
-    path = out.with_suffix(".png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -33,6 +33,7 @@ from torch import nn
 from kfac_dist import KFACPreconditioner
 from launch.bench.gloo_runs import ProxySpec, average_gradients
 from launch.bench.scaling_model import FLOAT_BYTES
+from launch.bench.timed_step import new_regions, timed_step
 
 __all__ = ["TINY_LAYER", "ArmSpec", "collective_worker", "local_worker", "measure_kernels", "scaling_worker"]
 
@@ -234,34 +235,24 @@ class _Arm:
     def run(self, steps: int, profiled: bool = False) -> dict[str, Any]:
         """Train `steps` steps; wall and CPU seconds and the timed regions (library phases when profiled)."""
         pre, model, optimizer = self.pre, self.model, self.optimizer
-        names = ("forward", "backward", "grad_allreduce", "kfac", "optimizer")
-        regions = dict.fromkeys((*names, "factor_in_forward"), 0.0)
+        sums = new_regions()
         if pre is not None:
             pre.reset_phase_times()
         clock = time.perf_counter
         cpu, start = time.process_time(), clock()
         for _ in range(steps):
-            x, y = self.batches[self.position % len(self.batches)]
+            batch = self.batches[self.position % len(self.batches)]
             self.position += 1
-            t0 = clock()
-            optimizer.zero_grad()
-            before = pre.phase_times()["factor_computation"] if profiled and pre is not None else 0.0
-            loss = F.cross_entropy(model(x), y)
-            t1 = clock()
-            if profiled and pre is not None:
-                regions["factor_in_forward"] += pre.phase_times()["factor_computation"] - before
-            loss.backward()
-            t2 = clock()
-            average_gradients(model)
-            t3 = clock()
-            if pre is not None:
-                pre.step()
-            t4 = clock()
-            optimizer.step()
-            t5 = clock()
-            for key, seconds in zip(names, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
-                regions[key] += seconds
+            timed_step(model, optimizer, pre, batch, sums, profiled, sync=average_gradients)
         wall = clock() - start
+        regions = {
+            "forward": sums["zero_grad"] + sums["forward"],
+            "backward": sums["backward"],
+            "grad_allreduce": sums["grad_sync"],
+            "kfac": sums["kfac_step"],
+            "optimizer": sums["optimizer_step"],
+            "factor_in_forward": sums["factor_in_forward"],
+        }
         out: dict[str, Any] = {"steps": steps, "wall": wall, "cpu": time.process_time() - cpu, "regions": regions}
         if profiled and pre is not None:
             out["library"] = pre.phase_times()
