@@ -263,6 +263,40 @@ def layer_shapes(model: nn.Module, skip_layers: Iterable[str] | str = ()) -> tup
     return tuple(state.shape() for state in states.values())
 
 
+#: ``KFACPreconditioner`` arguments the plan takes as they are (same name and meaning in :class:`PlanOptions`).
+SHARED_OPTIONS = (
+    "grad_worker_fraction",
+    "assignment",
+    "factor_comm",
+    "symmetric_comm",
+    "compute_method",
+    "bucket_cap_mb",
+    "factor_update_steps",
+    "inv_update_steps",
+    "skip_layers",
+)
+
+
+def plan_arguments(preconditioner_options: Mapping[str, Any], step: int = 0) -> dict[str, Any]:
+    """:func:`plan_model` keyword arguments for ``KFACPreconditioner`` keyword arguments.
+
+    The options of :data:`SHARED_OPTIONS` are taken as they are (a callable of the K-FAC step: its value at
+    `step`); ``factor_dtype`` and ``inv_dtype`` give ``factor_bytes`` and ``inv_bytes`` (``factor_dtype=None``
+    leaves the default, float32 weights' 4 bytes). Every other option (damping, factor_decay, kl_clip, lr,
+    accumulation_steps, ...) changes no byte and is ignored.
+    """
+    out: dict[str, Any] = {}
+    for key in SHARED_OPTIONS:
+        if key in preconditioner_options:
+            value = preconditioner_options[key]
+            out[key] = value(step) if callable(value) else value
+    for key in ("factor", "inv"):
+        dtype = preconditioner_options.get(f"{key}_dtype")
+        if dtype is not None:
+            out[f"{key}_bytes"] = dtype.itemsize
+    return out
+
+
 def plan_model(
     model: nn.Module | str,
     world_size: int,
@@ -279,11 +313,13 @@ def plan_model(
     factor_bytes: int = 4,
     inv_bytes: int = 4,
     grad_bytes: int = 4,
+    name: str | None = None,
 ) -> PlanReport:
     """Plan a model at a world size: placement, memory, bytes per step and decomposition load.
 
     Args:
-        model: a model, or a name of :data:`kfac_dist.models.MODEL_NAMES` (built on the meta device).
+        model: a model (on any device; the meta device allocates nothing), or a name of
+            :data:`kfac_dist.models.MODEL_NAMES` (built on the meta device).
         world_size: number of ranks W >= 1.
         grad_worker_fraction: as :class:`PlanOptions` (and the preconditioner).
         assignment: as :class:`PlanOptions`.
@@ -297,6 +333,7 @@ def plan_model(
         factor_bytes: as :class:`PlanOptions`.
         inv_bytes: as :class:`PlanOptions`.
         grad_bytes: as :class:`PlanOptions`.
+        name: the model's name in the report (default: the registry name, or the model's class name).
 
     Returns:
         The report.
@@ -323,11 +360,11 @@ def plan_model(
     if isinstance(model, str):
         if model not in MODEL_NAMES:
             raise ValueError(f"model must be one of {', '.join(MODEL_NAMES)}; got {model!r}")
-        name = model
+        name = name or model
         with torch.device("meta"):
-            model = build_model(name)
+            model = build_model(model)
     elif isinstance(model, nn.Module):
-        name = type(unwrap(model)).__name__
+        name = name or type(unwrap(model)).__name__
     else:
         raise ValueError(f"model must be an nn.Module or a model name; got {type(model).__name__}")
     shapes = layer_shapes(model, options.skip_layers)

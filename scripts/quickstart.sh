@@ -9,4 +9,4 @@ cd "$ROOT"
 
 bash scripts/setup.sh
 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" .venv/bin/torchrun --standalone --nproc_per_node=2 \
-  -m launch.train --config configs/mnist_cnn.yaml "$@"
+  -m kfac_dist.app.train --config configs/mnist_cnn.yaml "$@"

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from kfac_dist import KFACPreconditioner
+from kfac_dist.app.data.mnist import load_mnist_5k
 from kfac_dist.models import build_model
-from launch.data.mnist import load_mnist_5k
 
 
 def train(steps: int, lr: float, damping: float | None, kl_clip: float | None, seed: int) -> dict[str, float]:

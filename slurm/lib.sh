@@ -57,13 +57,13 @@ kfac_setup() {
     if [ -x "$KFAC_ROOT/.venv/bin/python" ]; then PYTHON="${PYTHON:-$KFAC_ROOT/.venv/bin/python}"; fi
     PYTHON="${PYTHON:-python3}"
 
-    # Rank 0 runs on the first host of the allocation; every rank reads MASTER_ADDR/MASTER_PORT (launch/env.py).
+    # Rank 0 runs on the first host of the allocation; every rank reads MASTER_ADDR/MASTER_PORT (kfac_dist/app/env.py).
     local hosts=()
     mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
     [ "${#hosts[@]}" -gt 0 ] || kfac_fail "scontrol show hostnames '$SLURM_JOB_NODELIST' printed no host"
     MASTER_ADDR="${MASTER_ADDR:-${hosts[0]}}"
     if [ -z "${MASTER_PORT:-}" ]; then
-        # Derived from the job id, as launch/env.py does, so two jobs sharing a node do not collide. The batch
+        # Derived from the job id, as kfac_dist/app/env.py does, so two jobs sharing a node do not collide. The batch
         # script runs on the allocation's first host: when that is MASTER_ADDR, make sure the port is free there.
         MASTER_PORT=$((15000 + SLURM_JOB_ID % 20000))
         if [ "${SLURMD_NODENAME:-}" = "$MASTER_ADDR" ]; then

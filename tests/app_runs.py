@@ -30,14 +30,14 @@ def free_port() -> int:
 
 
 def run_single(args: Sequence[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``python -m launch.train ARGS`` as one plain process."""
-    command = [sys.executable, "-m", "launch.train", *args]
+    """``python -m kfac_dist.app.train ARGS`` as one plain process."""
+    command = [sys.executable, "-m", "kfac_dist.app.train", *args]
     return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def run_torchrun(args: Sequence[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``torchrun --standalone --nproc_per_node=N -m launch.train ARGS`` (torchrun fails if any rank fails)."""
-    command = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "launch.train", *args]
+    """``torchrun --standalone --nproc_per_node=N -m kfac_dist.app.train ARGS`` (torchrun fails if any rank fails)."""
+    command = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "kfac_dist.app.train", *args]
     return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -63,7 +63,7 @@ def run_slurm_shaped(
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": port,
         }
-        command = [sys.executable, "-m", "launch.train", *args]
+        command = [sys.executable, "-m", "kfac_dist.app.train", *args]
         processes.append(
             subprocess.Popen(
                 command, cwd=REPO, env=_env(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -95,13 +95,13 @@ def final_accuracy(output: str) -> float:
 
 
 def run_mpiexec(args: Sequence[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``mpiexec -n N python -m launch.train ARGS`` with the MPICH from pip (exits non-zero if any rank fails)."""
-    command = [str(BIN / "mpiexec"), "-n", str(nproc), sys.executable, "-m", "launch.train", *args]
+    """``mpiexec -n N python -m kfac_dist.app.train ARGS`` with pip's MPICH (exits non-zero if any rank fails)."""
+    command = [str(BIN / "mpiexec"), "-n", str(nproc), sys.executable, "-m", "kfac_dist.app.train", *args]
     return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def run_horovodrun(args: Sequence[str], nproc: int = 2, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-    """``horovodrun -np N -H localhost:N --gloo python -m launch.train ARGS``."""
+    """``horovodrun -np N -H localhost:N --gloo python -m kfac_dist.app.train ARGS``."""
     command = [str(BIN / "horovodrun"), "-np", str(nproc), "-H", f"localhost:{nproc}", "--gloo"]
-    command += [sys.executable, "-m", "launch.train", *args]
+    command += [sys.executable, "-m", "kfac_dist.app.train", *args]
     return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)

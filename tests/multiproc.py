@@ -1,4 +1,4 @@
-"""The tests' multi-process harness: :func:`launch.processes.run_gloo` with test-sized time limits.
+"""The tests' multi-process harness: :func:`kfac_dist.app.processes.run_gloo` with test-sized time limits.
 
     results = run_multiproc(fn, world_size, *args)
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from launch.processes import GlooRunError, run_gloo
+from kfac_dist.app.processes import GlooRunError, run_gloo
 
 
 class MultiprocFailure(AssertionError):

@@ -17,7 +17,7 @@ from app_runs import (
 )
 from data_fakes import write_fake_cifar10
 
-from launch.metrics import read_metrics
+from kfac_dist.app.metrics import read_metrics
 
 
 def test_mnist_under_torchrun_two_ranks_reaches_accuracy(tmp_path: Path) -> None:

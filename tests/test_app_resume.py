@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from app_runs import explain, run_single, run_torchrun
 
-from launch.checkpoint import latest_checkpoint, load_checkpoint
-from launch.cli import main
+from kfac_dist.app.checkpoint import latest_checkpoint, load_checkpoint
+from kfac_dist.app.cli import main
 
 COMMON = ["training.epochs=2", "logging.tensorboard=false"]
 

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import torch
 
+from kfac_dist.app.bench import comm
+from kfac_dist.app.bench.gloo_runs import ProxySpec
 from kfac_dist.models import build_model
 from kfac_dist.planner import layer_shapes, plan_model
-from launch.bench import comm
-from launch.bench.gloo_runs import ProxySpec
 
 FLOAT32 = 4
 TINY_PROXY = ProxySpec("small_cnn", {"num_classes": 10}, (1, 28, 28))

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from launch.bench import convergence_report
-from launch.bench.convergence import Settings, run_benchmark, summarize, tuning_score
-from launch.bench.convergence_runs import METHOD_TITLES, METHODS, TASKS, RunRecord, batch_order, first_crossing
-from launch.cli import main
+from kfac_dist.app.bench import convergence_report
+from kfac_dist.app.bench.convergence import Settings, run_benchmark, summarize, tuning_score
+from kfac_dist.app.bench.convergence_runs import METHOD_TITLES, METHODS, TASKS, RunRecord, batch_order, first_crossing
+from kfac_dist.app.cli import main
 
 # Loose targets so that a few steps reach them; an unreachable accuracy target is checked separately.
 TINY_MNIST = replace(TASKS["mnist5k_cnn"], max_steps=6, eval_every=2, loss_target=2.1, acc_target=0.3)

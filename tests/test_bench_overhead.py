@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-from launch.bench import overhead, overhead_flops, overhead_report
-from launch.bench.overhead import Settings, run_benchmark
-from launch.bench.overhead_runs import PHASES, TOLERANCE, Arm, ModelSpec, block_steps
+from kfac_dist.app.bench import overhead, overhead_flops, overhead_report
+from kfac_dist.app.bench.overhead import Settings, run_benchmark
+from kfac_dist.app.bench.overhead_runs import PHASES, TOLERANCE, Arm, ModelSpec, block_steps
 
 TINY_MLP = ModelSpec("tiny MLP", "mlp", (1, 8, 8), 16, 10, {"in_features": 64, "hidden": (32,)})
 TINY_CNN = ModelSpec("tiny CNN", "small_cnn", (1, 28, 28), 8, 10)

@@ -19,11 +19,10 @@ from typing import Any
 
 import pytest
 
-from kfac_dist.planner import plan_model
-from launch.bench import scaling, scaling_report
-from launch.bench.gloo_runs import ProxySpec
-from launch.bench.scaling import FRACTIONS, Settings, kernels_from, network_from, overheads_from, step_model
-from launch.bench.scaling_model import (
+from kfac_dist.app.bench import scaling, scaling_report
+from kfac_dist.app.bench.gloo_runs import ProxySpec
+from kfac_dist.app.bench.scaling import FRACTIONS, Settings, kernels_from, network_from, overheads_from, step_model
+from kfac_dist.app.bench.scaling_model import (
     KFAC_PHASES,
     LAYER_PHASES,
     PHASES,
@@ -35,8 +34,9 @@ from launch.bench.scaling_model import (
     predict_kfac,
     predict_sgd,
 )
-from launch.bench.scaling_runs import collective_worker
-from launch.processes import GlooRunError, run_gloo
+from kfac_dist.app.bench.scaling_runs import collective_worker
+from kfac_dist.app.processes import GlooRunError, run_gloo
+from kfac_dist.planner import plan_model
 
 OPS = ("allreduce", "reduce", "broadcast")
 ZERO = LinearFit(0.0, 0.0)

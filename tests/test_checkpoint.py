@@ -1,4 +1,4 @@
-"""Checkpoints (launch/checkpoint.py): round trip, pruning, newest, atomicity under a crash, safe loading."""
+"""Checkpoints (kfac_dist/app/checkpoint.py): round trip, pruning, newest, atomicity under a crash, safe loading."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from launch.checkpoint import (
+from kfac_dist.app.checkpoint import (
     CheckpointError,
     CheckpointMismatch,
     capture_rng_state,
@@ -111,7 +111,7 @@ def test_latest(tmp_path: Path) -> None:
 CRASHING_SAVE = """
 import io, os, signal, sys
 import torch
-from launch.checkpoint import save_checkpoint
+from kfac_dist.app.checkpoint import save_checkpoint
 
 directory = sys.argv[1]
 save_checkpoint(directory, {"w": torch.arange(4.0)}, epoch=1, step=10, keep=1, meta={"model": "m"})

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kfac_dist.app.checkpoint import load_checkpoint
+from kfac_dist.app.cli import main
+from kfac_dist.app.config import load_config
 from kfac_dist.models import build_model
-from launch.checkpoint import load_checkpoint
-from launch.cli import main
-from launch.config import load_config
 
 
 def test_print_config_shows_the_embedded_default(capsys: pytest.CaptureFixture[str]) -> None:
@@ -50,7 +50,7 @@ def test_bad_input_exits_2_naming_the_key(args: list[str], message: str, capsys:
 
 def test_console_script_and_module_entry_points() -> None:
     console = Path(sys.executable).parent / "kfac-dist"
-    for command in ([str(console), "train", "--help"], [sys.executable, "-m", "launch.train", "--help"]):
+    for command in ([str(console), "train", "--help"], [sys.executable, "-m", "kfac_dist.app.train", "--help"]):
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         assert "--config" in result.stdout
@@ -58,7 +58,7 @@ def test_console_script_and_module_entry_points() -> None:
 
 @pytest.mark.parametrize("prog", ["cli", "module"])
 def test_overrides_may_follow_flags(prog: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from launch import train
+    from kfac_dist.app import train
 
     words = ["model.name=mlp", "--config", "configs/mnist_cnn.yaml", "training.epochs=3", "--print-config"]
     words += ["training.epochs=7"]  # the later override of the same key wins

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import (
+from kfac_dist.app.config import (
     DEFAULTS_SOURCE,
     Config,
     ConfigError,

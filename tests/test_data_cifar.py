@@ -11,8 +11,8 @@ import pytest
 import torch
 from data_fakes import write_fake_cifar10
 
-from launch.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR10Dataset, build_cifar10, read_batch
-from launch.data.transforms import SampleKey
+from kfac_dist.app.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR10Dataset, build_cifar10, read_batch
+from kfac_dist.app.data.transforms import SampleKey
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import torch
 from data_fakes import load_synthetic_script
 from PIL import Image
 
-from launch.data.imagenet import ImageFolderDataset, build_imagenet, imagenet_val_transform
-from launch.data.transforms import SampleKey
+from kfac_dist.app.data.imagenet import ImageFolderDataset, build_imagenet, imagenet_val_transform
+from kfac_dist.app.data.transforms import SampleKey
 
 synthetic = load_synthetic_script()
 

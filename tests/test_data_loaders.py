@@ -7,9 +7,9 @@ import torch
 from data_fakes import write_fake_cifar10
 from torch.utils.data import Dataset, TensorDataset
 
-from launch.data.cifar import build_cifar10
-from launch.data.loaders import ShardSampler, build_datasets, build_loaders, build_mnist_5k
-from launch.data.transforms import SampleKey, resolve_key
+from kfac_dist.app.data.cifar import build_cifar10
+from kfac_dist.app.data.loaders import ShardSampler, build_datasets, build_loaders, build_mnist_5k
+from kfac_dist.app.data.transforms import SampleKey, resolve_key
 
 
 class KeyedIndices(Dataset):

@@ -13,9 +13,9 @@ from PIL import Image
 from torch import nn
 
 from kfac_dist import KFACPreconditioner
+from kfac_dist.app.data.imagenet import build_imagenet
+from kfac_dist.app.data.loaders import build_loaders
 from kfac_dist.models import build_model
-from launch.data.imagenet import build_imagenet
-from launch.data.loaders import build_loaders
 
 synthetic = load_synthetic_script()
 

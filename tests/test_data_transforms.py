@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from launch.data.transforms import (
+from kfac_dist.app.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CenterCrop,

@@ -1,4 +1,4 @@
-"""Run-environment detection (launch/env.py): launcher environments, hostlists, bad values, and real launches.
+"""Run-environment detection (kfac_dist/app/env.py): launcher environments, hostlists, bad values, and real launches.
 
 The launcher dictionaries marked "captured" were printed by the real launcher on this project's machines
 (torchrun 2.13, MPICH 5.0.2 Hydra ``mpiexec``, Slurm 22.05 ``sbatch`` + ``srun``), trimmed to what matters.
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from launch.env import LaunchEnvError, RunEnv, cuda_device_index, detect_env, expand_hostlist, init_distributed
+from kfac_dist.app.env import LaunchEnvError, RunEnv, cuda_device_index, detect_env, expand_hostlist, init_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,7 +198,7 @@ import json, os, sys
 import torch
 import torch.distributed as dist
 torch.set_num_threads(1)
-from launch.env import detect_env, init_distributed, shutdown_distributed
+from kfac_dist.app.env import detect_env, init_distributed, shutdown_distributed
 env = detect_env()
 backend = init_distributed(env, "gloo", timeout_s=60)
 total = torch.tensor([float(env.rank + 1)])

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist_5k, mnist_5k_path
+from kfac_dist.app.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist_5k, mnist_5k_path
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from kfac_dist import KFACPreconditioner
+from kfac_dist.app.data.mnist import load_mnist_5k
 from kfac_dist.models import build_model
-from launch.data.mnist import load_mnist_5k
 
 STEPS = 100
 BATCH = 64

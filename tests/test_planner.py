@@ -17,11 +17,11 @@ from multiproc import run_multiproc
 from torch import nn
 
 from kfac_dist import KFACPreconditioner, costs
+from kfac_dist.app.cli import main
 from kfac_dist.comm import TorchDistCommunicator
 from kfac_dist.models import build_model
 from kfac_dist.placement import Plan, build_plan, compute_cost
 from kfac_dist.planner import STEP_KINDS, PlanOptions, layer_shapes, plan_model
-from launch.cli import main
 
 RESNET50_ARGS = ["--model", "resnet50", "--world-size", "64", "--grad-worker-fraction", "0.5"]
 RESNET50_ARGS += ["--factor-update-steps", "10", "--inv-update-steps", "100"]
@@ -237,7 +237,7 @@ def test_cli_dtype_bytes_and_overrides(capsys: pytest.CaptureFixture[str]) -> No
 
 def test_console_script_plan() -> None:
     script = Path(sys.executable).with_name("kfac-dist")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "launch.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "kfac_dist.app.cli"]
     argv = [*command, "plan", "--model", "resnet18", "--world-size", "8", "--json"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

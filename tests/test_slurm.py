@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from slurm_cluster import REPO, SlurmCluster, slurm_cluster_fixture  # noqa: F401  (registers `slurm_cluster`)
 
-from launch.metrics import read_metrics
+from kfac_dist.app.metrics import read_metrics
 
 BIN = Path(sys.executable).parent
 SLURM = REPO / "slurm"
@@ -97,7 +97,7 @@ def test_single_node_template_trains_two_tasks(slurm_cluster: SlurmCluster, tmp_
 
 
 def test_srun_two_tasks_without_a_template(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    """Plain ``srun -n 2``: launch/env.py finds rank, size and master from Slurm's variables alone."""
+    """Plain ``srun -n 2``: kfac_dist/app/env.py finds rank, size and master from Slurm's variables alone."""
     command = [
         "srun", "-n", "2", "--cpus-per-task=1", "--time=10", "--kill-on-bad-exit=1",
         str(BIN / "kfac-dist"), "train", "--config", MNIST, f"logging.dir={tmp_path}", "training.epochs=1",

@@ -1,0 +1,275 @@
+"""Convergence benchmark: steps and wall time to a target, SGD-momentum + K-FAC vs SGD-momentum vs Adam.
+
+Protocol (``kfac-dist bench convergence``; docs/BENCHMARKS.md section 2 quotes the ``--full`` run):
+
+1. Tuning. Every grid point of every method (an lr grid for SGD-momentum 0.9 and for Adam; lr x damping for
+   SGD-momentum 0.9 + K-FAC) trains on each *tuning seed* (100, 101, ...), disjoint from the measured seeds
+   (0, 1, ...). A tuning run stops once it has reached both targets. Each method keeps the grid point with the
+   lowest median over tuning seeds of the steps to reach *both* targets (a run that misses one counts as
+   infinite); ties go to the lower median of the summed steps to each target, then to the lower median final
+   training loss. Within a method the step cost does not depend on the grid point, so this is also the fastest
+   point in wall time.
+2. Measurement. For every measured seed, the three tuned methods run back to back in the same process (one
+   thread; the order rotates with the seed), each for the task's full step budget, so machine noise hits all of
+   them alike. They share the seed's initial weights and batch order.
+3. Steps (training seconds) to a target: the first checkpoint (every ``eval_every`` steps and step 0) where the
+   recorded curve crosses it; evaluation is not timed. A run that never crosses counts as not reached; medians
+   over seeds treat it as infinite, so a median is "not reached" when half or more of the runs miss.
+4. Ratios: K-FAC's median over SGD-momentum's (and Adam's) median, for steps and for seconds, per target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kfac_dist.app.bench.common import BenchRun, positive_int, write_outputs
+from kfac_dist.app.bench.convergence_runs import (
+    METHODS,
+    TASKS,
+    Hyper,
+    KFACOptions,
+    RunRecord,
+    Task,
+    finite_or_none,
+    load_task_data,
+    train_run,
+)
+from kfac_dist.app.data.mnist import Split
+
+__all__ = ["FULL_GRIDS", "QUICK_GRIDS", "Settings", "add_arguments", "main", "run", "run_benchmark", "summarize"]
+
+FULL_GRIDS: dict[str, list[Hyper]] = {
+    "sgd": [{"lr": lr} for lr in (0.01, 0.03, 0.1, 0.3)],
+    "adam": [{"lr": lr} for lr in (1e-3, 3e-3, 1e-2, 3e-2)],
+    "kfac": [{"lr": lr, "damping": d} for lr in (0.01, 0.03, 0.1, 0.3) for d in (0.1, 0.3, 1.0)],
+}
+QUICK_GRIDS: dict[str, list[Hyper]] = {
+    "sgd": [{"lr": lr} for lr in (0.03, 0.1)],
+    "adam": [{"lr": lr} for lr in (3e-3, 1e-2)],
+    "kfac": [{"lr": lr, "damping": d} for lr in (0.03, 0.1) for d in (0.3, 1.0)],
+}
+Log = Callable[[str], None]
+
+
+@dataclass
+class Settings:
+    """Everything a benchmark run depends on (stored in the JSON)."""
+
+    tasks: list[Task]
+    grids: dict[str, list[Hyper]]
+    seeds: list[int]
+    tuning_seeds: list[int]
+    kfac: KFACOptions = KFACOptions()
+    warmup_steps: int = 20
+    threads: int = 1
+
+
+def _median(values: list[float]) -> float:
+    """Median where NaN counts as +inf (a miss); +inf for no values."""
+    return statistics.median([math.inf if math.isnan(v) else v for v in values]) if values else math.inf
+
+
+def _steps_to(run: RunRecord, key: str) -> float:
+    value = getattr(run, f"steps_to_{key}")
+    return math.inf if value is None else float(value)
+
+
+def _seconds_to(run: RunRecord, key: str) -> float:
+    value = getattr(run, f"seconds_to_{key}")
+    return math.inf if value is None else float(value)
+
+
+def tuning_score(runs: list[RunRecord]) -> tuple[float, float, float]:
+    """Sort key of a grid point: median steps to both targets, median summed steps, median final loss."""
+    both = [max(_steps_to(r, "loss"), _steps_to(r, "acc")) for r in runs]
+    summed = [_steps_to(r, "loss") + _steps_to(r, "acc") for r in runs]
+    return _median(both), _median(summed), _median([r.train_loss[-1] for r in runs])
+
+
+def grid_edges(best: Hyper, grid: list[Hyper]) -> list[str]:
+    """Names of the hyperparameters whose chosen value is the smallest or largest of the grid (if it has > 1)."""
+    edges = []
+    for name, value in best.items():
+        values = sorted({h[name] for h in grid})
+        if len(values) > 1 and value in (values[0], values[-1]):
+            edges.append(name)
+    return edges
+
+
+def summarize(runs: list[RunRecord], best: dict[str, Hyper]) -> dict[str, Any]:
+    """Per-method medians over the measured seeds and K-FAC's ratios of medians, for one task."""
+    methods: dict[str, Any] = {}
+    for method in METHODS:
+        mine = [r for r in runs if r.method == method]
+        entry: dict[str, Any] = {"hyper": best[method], "runs": len(mine)}
+        for key in ("loss", "acc"):
+            steps = [_steps_to(r, key) for r in mine]
+            entry[key] = {
+                "reached": sum(math.isfinite(s) for s in steps),
+                "median_steps": finite_or_none(_median(steps)),
+                "median_seconds": finite_or_none(_median([_seconds_to(r, key) for r in mine])),
+            }
+        entry["ms_per_step"] = finite_or_none(_median([r.ms_per_step() for r in mine]))
+        entry["final_train_loss"] = finite_or_none(_median([r.train_loss[-1] for r in mine]))
+        entry["final_test_acc"] = statistics.median([r.test_acc[-1] for r in mine]) if mine else None
+        methods[method] = entry
+    ratios: dict[str, Any] = {}
+    for base in ("sgd", "adam"):
+        ratios[f"kfac/{base}"] = {}
+        for key in ("loss", "acc"):
+            ratios[f"kfac/{base}"][key] = {}
+            for unit in ("steps", "seconds"):
+                mine, theirs = methods["kfac"][key][f"median_{unit}"], methods[base][key][f"median_{unit}"]
+                ratios[f"kfac/{base}"][key][unit] = mine / theirs if mine is not None and theirs else None
+    return {"methods": methods, "ratios": ratios}
+
+
+def tune(
+    task: Task, data: tuple[Split, Split], settings: Settings, log: Log
+) -> tuple[list[RunRecord], dict[str, Hyper], dict[str, list[dict[str, Any]]]]:
+    """Run every grid point on the tuning seeds; return the runs, each method's best point and the grid scores."""
+    runs: list[RunRecord] = []
+    for seed in settings.tuning_seeds:
+        for method in METHODS:
+            for hyper in settings.grids[method]:
+                r = train_run(task, data, method, hyper, seed, settings.kfac, phase="tuning", stop_at_targets=True)
+                runs.append(r)
+                log(
+                    f"[tune {task.name} seed {seed}] {method} {hyper}: loss target at {r.steps_to_loss}, "
+                    f"accuracy target at {r.steps_to_acc}, last loss {r.train_loss[-1]:.4f}"
+                )
+    best: dict[str, Hyper] = {}
+    scores: dict[str, list[dict[str, Any]]] = {}
+    for method in METHODS:
+        scored = [
+            (tuning_score([r for r in runs if r.method == method and r.hyper == hyper]), hyper)
+            for hyper in settings.grids[method]
+        ]
+        best[method] = min(scored, key=lambda item: item[0])[1]
+        scores[method] = [
+            {"hyper": h, "median_steps_to_both": finite_or_none(s[0]), "median_summed_steps": finite_or_none(s[1])}
+            for s, h in scored
+        ]
+        log(f"[tune {task.name}] {method}: best {best[method]}")
+    return runs, best, scores
+
+
+def measure(
+    task: Task, data: tuple[Split, Split], best: dict[str, Hyper], settings: Settings, log: Log
+) -> list[RunRecord]:
+    """Run the tuned methods interleaved on every measured seed (the order rotates with the seed)."""
+    runs: list[RunRecord] = []
+    for i, seed in enumerate(settings.seeds):
+        shift = i % len(METHODS)
+        for method in METHODS[shift:] + METHODS[:shift]:
+            r = train_run(task, data, method, best[method], seed, settings.kfac, phase="measure", stop_at_targets=False)
+            runs.append(r)
+            log(
+                f"[measure {task.name} seed {seed}] {method}: loss target at {r.steps_to_loss} steps / "
+                f"{r.seconds_to_loss} s, accuracy target at {r.steps_to_acc} / {r.seconds_to_acc} s, "
+                f"{r.ms_per_step():.2f} ms/step"
+            )
+    return runs
+
+
+def run_benchmark(settings: Settings, log: Log = print) -> dict[str, Any]:
+    """Tune, then measure, every task with one thread; return the results (JSON-ready, without ``meta``)."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    results: dict[str, Any] = {"tasks": {}, "runs": []}
+    try:
+        for task in settings.tasks:
+            data = load_task_data(task)
+            for method in METHODS:  # untimed warm-up, discarded: the first call of every kernel is slow
+                hyper = settings.grids[method][0]
+                train_run(task, data, method, hyper, 0, settings.kfac, phase="warmup", stop_at_targets=False,
+                          max_steps=settings.warmup_steps)  # fmt: skip
+            tuning, best, scores = tune(task, data, settings, log)
+            measured = measure(task, data, best, settings, log)
+            summary = summarize(measured, best)
+            for method in METHODS:
+                summary["methods"][method]["grid_edges"] = grid_edges(best[method], settings.grids[method])
+            summary.update(
+                grid=scores, task=asdict(task), sizes={"train": len(data[0].labels), "test": len(data[1].labels)}
+            )
+            results["tasks"][task.name] = summary
+            results["runs"] += [r.to_json() for r in tuning + measured]
+    finally:
+        torch.set_num_threads(previous_threads)
+    return results
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from parsed arguments: the quick default or ``--full``; explicit options override either."""
+    full = bool(args.full)
+    tasks = [
+        replace(TASKS[name], max_steps=args.max_steps or TASKS[name].max_steps,
+                eval_every=args.eval_every or TASKS[name].eval_every)
+        for name in args.tasks
+    ]  # fmt: skip
+    n_seeds = args.seeds if args.seeds is not None else (5 if full else 2)
+    n_tuning = args.tuning_seeds if args.tuning_seeds is not None else 1
+    return Settings(
+        tasks=tasks,
+        grids=FULL_GRIDS if full else QUICK_GRIDS,
+        seeds=list(range(n_seeds)),
+        tuning_seeds=list(range(100, 100 + n_tuning)),
+        kfac=KFACOptions(factor_update_steps=args.factor_update_steps, inv_update_steps=args.inv_update_steps),
+        warmup_steps=args.warmup_steps,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``kfac-dist bench convergence``."""
+    parser.add_argument("--full", action="store_true", help="5 measured seeds, full grids (the docs/ run)")
+    parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(TASKS), help="tasks to run")
+    parser.add_argument("--seeds", type=positive_int, default=None, help="measured seeds 0..N-1 (default 2; --full 5)")
+    parser.add_argument("--tuning-seeds", type=positive_int, default=None, help="tuning seeds 100..99+N (default 1)")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="override every task's step budget")
+    parser.add_argument("--eval-every", type=positive_int, default=None, help="override every task's checkpoint period")
+    parser.add_argument("--factor-update-steps", type=positive_int, default=10, help="K-FAC factor update period")
+    parser.add_argument("--inv-update-steps", type=positive_int, default=100, help="K-FAC decomposition period")
+    parser.add_argument("--warmup-steps", type=positive_int, default=20, help="untimed warm-up steps per method, task")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/convergence"), help="output path prefix")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG curves (matplotlib not needed)")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The ``kfac-dist`` command that reproduces a run (options at their default values left out)."""
+    words = ["kfac-dist", "bench", "convergence"] + (["--full"] if args.full else [])
+    if list(args.tasks) != list(TASKS):
+        words += ["--tasks", *args.tasks]
+    defaults = {"factor_update_steps": 10, "inv_update_steps": 100, "warmup_steps": 20}
+    for name in ("seeds", "tuning_seeds", "max_steps", "eval_every", *defaults):
+        value = getattr(args, name)
+        if value is not None and value != defaults.get(name):
+            words += [f"--{name.replace('_', '-')}", str(value)]
+    return shlex.join([*words, "--out", str(args.out)] + (["--no-plot"] if args.no_plot else []))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``kfac-dist bench convergence`` on parsed arguments; write JSON, Markdown and PNGs at ``--out``."""
+    from kfac_dist.app.bench import convergence_report
+
+    config = settings_from_args(args)
+    record = BenchRun(command_line(args), config.threads)
+    results = run_benchmark(config, log=lambda line: print(line, flush=True))
+    results["meta"] = record.meta(asdict(config))
+    write_outputs(args.out, results, convergence_report.markdown, None if args.no_plot else convergence_report.plot)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python scripts/bench_convergence.py``: the same options as ``kfac-dist bench convergence``."""
+    parser = argparse.ArgumentParser(prog="bench_convergence", description="Steps and wall time to a target.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,362 @@
+"""The training loop: epochs of (micro-batches -> backward -> K-FAC -> optimizer), validation, metrics, checkpoints.
+
+One loop serves K-FAC and the baselines (``kfac.enabled: false``), one process or many.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kfac_dist import KFACPreconditioner
+from kfac_dist.app import run_report
+from kfac_dist.app.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from kfac_dist.app.components import (
+    build_data,
+    build_network,
+    build_optimizer,
+    build_preconditioner,
+    make_communicator,
+    resolve_device,
+    wrap_model,
+)
+from kfac_dist.app.config import Config, config_fingerprint
+from kfac_dist.app.config.schedules import learning_rate
+from kfac_dist.app.env import RunEnv
+from kfac_dist.app.metrics import MetricsLogger
+from kfac_dist.app.run_report import HealthWatch, Progress, SpanTimer, backend_name, startup_block
+from kfac_dist.comm import Communicator
+from kfac_dist.options import resolve
+
+KFAC_CATEGORIES = ("factor_reduce", "decomposition_broadcast", "gradient_broadcast")
+
+
+@dataclass
+class RunResult:
+    """Where a run ended."""
+
+    epochs: int
+    steps: int
+    train_loss: float
+    val_loss: float
+    val_top1: float
+    val_top5: float
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Position:
+    """How far training got: the epoch in progress, optimizer steps done in it, and in total."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+
+
+def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if cfg.training.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.training.amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class Trainer:
+    """One run of a config on this rank (the process group, if any, is already started)."""
+
+    def __init__(self, cfg: Config, env: RunEnv) -> None:
+        if cfg.training.amp == "fp16" and not torch.cuda.is_available():
+            raise ValueError("training.amp: 'fp16' needs CUDA; allowed on the CPU: none, bf16")
+        self.cfg, self.env = cfg, env
+        self.device = resolve_device(cfg, env)
+        self.comm: Communicator = make_communicator(cfg)
+        self.loaders, num_classes = build_data(cfg, env, self.device)
+        self.model = build_network(cfg, num_classes, self.device)
+        self.wrapped, self.sync = wrap_model(self.model, self.comm, self.device)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.training.amp == "fp16" else None
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optimizer.label_smoothing)
+        self.steps_per_epoch = len(self.loaders.train) // cfg.training.accumulation_steps
+        if self.steps_per_epoch < 1:
+            raise ValueError("data.batch_size x training.accumulation_steps is larger than this rank's training shard")
+        self.lr = learning_rate(cfg, 0.0, env.world_size)
+        self.pre: KFACPreconditioner | None = build_preconditioner(
+            cfg, self.wrapped, self.comm, self.steps_per_epoch, lambda _step: self.lr, self.scaler
+        )
+        self.position = Position()
+        self.run_dir = Path(cfg.logging.dir)
+        self.checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self.is_main = env.rank == 0
+        self.kfac_timer = SpanTimer(self.device)
+        total = self.steps_per_epoch * cfg.training.epochs
+        self.progress = Progress(
+            epochs=cfg.training.epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=min(total, cfg.training.max_steps or total),
+            enabled=self.is_main,
+            bar=cfg.logging.progress_bar and sys.stderr.isatty(),
+        )
+        self.health = HealthWatch(env.rank, {})
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def _meta(self) -> dict[str, str]:
+        return {"model": self.cfg.model.name, "config_fingerprint": config_fingerprint(self.cfg)}
+
+    def save(self) -> None:
+        """Checkpoint (collective: K-FAC's state is gathered from its owners; rank 0 writes atomically)."""
+        state: dict[str, Any] = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "position": [self.position.epoch, self.position.step_in_epoch, self.position.global_step],
+            "rng": capture_rng_state(),
+        }
+        if self.pre is not None:
+            state["kfac"] = self.pre.state_dict()
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        if self.is_main:
+            save_checkpoint(
+                self.checkpoint_dir,
+                state,
+                epoch=self.position.epoch,
+                step=self.position.global_step,
+                keep=self.cfg.checkpoint.keep,
+                meta=self._meta(),
+            )
+        self.comm.barrier()
+
+    def maybe_resume(self) -> Path | None:
+        """Load the checkpoint ``checkpoint.resume`` names ("auto": the newest, if any); return its path."""
+        resume = self.cfg.checkpoint.resume
+        if resume == "none":
+            return None
+        path = latest_checkpoint(self.checkpoint_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return None
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint.resume: no checkpoint file at {path}")
+        state = load_checkpoint(path, expected=self._meta())["state"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.pre is not None and "kfac" in state:
+            self.pre.load_state_dict(state["kfac"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        self.position = Position(*state["position"])
+        return path
+
+    # ------------------------------------------------------------------------------------------- training
+    def _micro_batches(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The epoch's optimizer steps, each a list of ``accumulation_steps`` micro-batches on the device."""
+        k = self.cfg.training.accumulation_steps
+        group: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for x, y in self.loaders.train:
+            group.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
+            if len(group) == k:
+                yield group
+                group = []
+
+    def _train_step(self, group: list[tuple[torch.Tensor, torch.Tensor]], sums: torch.Tensor) -> None:
+        """One optimizer step; adds (loss sum, correct, examples) to ``sums``, on the device, without a host sync."""
+        k = len(group)
+        self.optimizer.zero_grad(set_to_none=True)
+        for index, (x, y) in enumerate(group):
+            no_sync = getattr(self.wrapped, "no_sync", None)
+            context = no_sync() if no_sync is not None and index < k - 1 else contextlib.nullcontext()
+            with context:
+                with _autocast(self.cfg, self.device):
+                    output = self.wrapped(x)
+                    loss = self.criterion(output, y)
+                scaled = loss / k
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            sums[0] += loss.detach() * y.numel()
+            sums[1] += (output.argmax(1) == y).sum()
+            sums[2] += y.numel()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        self.sync.average(self.model)
+        if self.pre is not None:
+            with self.kfac_timer.span():
+                self.pre.step()
+        if self.cfg.training.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.training.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def _set_lr(self) -> None:
+        epoch = self.position.epoch + self.position.step_in_epoch / self.steps_per_epoch
+        self.lr = learning_rate(self.cfg, epoch, self.env.world_size)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float, float, float]:
+        """(loss, top-1, top-5) over the whole validation set, summed over ranks (one host read at the end)."""
+        self.model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        for x, y in self.loaders.val:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with _autocast(self.cfg, self.device):
+                output = self.model(x).float()
+            top5 = output.topk(min(5, output.shape[1]), dim=1).indices
+            sums[0] += nn.functional.cross_entropy(output, y, reduction="sum")
+            sums[1] += (top5[:, 0] == y).sum()
+            sums[2] += (top5 == y[:, None]).any(1).sum()
+            sums[3] += y.numel()
+        self.model.train()
+        self.comm.allreduce(sums, average=False, category="metrics").wait()
+        loss, top1, top5_hits, count = run_report.host_values(sums)
+        count = max(count, 1.0)
+        return loss / count, top1 / count, top5_hits / count
+
+    def run(self) -> RunResult:
+        """Train to ``training.epochs`` (or ``training.max_steps``), validating and checkpointing as configured."""
+        cfg = self.cfg
+        if self.is_main:
+            block = startup_block(
+                cfg,
+                world_size=self.comm.world_size,
+                backend=backend_name(self.comm, cfg),
+                device=self.device,
+                model=self.model,
+                pre=self.pre,
+                steps_per_epoch=self.steps_per_epoch,
+            )
+            print(block, flush=True)
+        resumed = self.maybe_resume()
+        if resumed is not None and self.is_main:
+            print(f"resumed from {resumed} at epoch {self.position.epoch}, step {self.position.global_step}")
+        self.health = HealthWatch(self.env.rank, self.pre.health() if self.pre is not None else {})  # after resume
+        start = time.perf_counter()
+        history: list[dict[str, Any]] = []
+        with MetricsLogger(
+            self.run_dir, csv_enabled=cfg.logging.csv, tensorboard=cfg.logging.tensorboard, enabled=self.is_main
+        ) as metrics:
+            while self.position.epoch < cfg.training.epochs and not self._max_steps_reached():
+                row = self._run_epoch()
+                history.append(row)
+                metrics.log_epoch(row)
+        last = history[-1] if history else {}
+        nan = float("nan")
+        return RunResult(
+            epochs=self.position.epoch,
+            steps=self.position.global_step,
+            train_loss=last.get("train_loss", nan),
+            val_loss=last.get("val_loss", nan),
+            val_top1=last.get("val_top1", nan),
+            val_top5=last.get("val_top5", nan),
+            seconds=time.perf_counter() - start,
+            history=history,
+        )
+
+    def _max_steps_reached(self) -> bool:
+        return self.cfg.training.max_steps is not None and self.position.global_step >= self.cfg.training.max_steps
+
+    def _run_epoch(self) -> dict[str, Any]:
+        """The rest of the current epoch (up to ``training.max_steps``): train, validate, report, checkpoint."""
+        epoch_start = time.perf_counter()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        first, kfac_seconds = self.position.step_in_epoch, 0.0
+        self.loaders.train_sampler.set_epoch(self.position.epoch)
+        self.progress.start_epoch(self.position.global_step)
+        for index, group in enumerate(self._micro_batches()):
+            if index < first:
+                continue  # resumed mid-epoch: these steps were already taken
+            self._set_lr()
+            self._train_step(group, sums)
+            self.position.step_in_epoch += 1
+            self.position.global_step += 1
+            if self.position.global_step % self.cfg.training.log_every_steps == 0:
+                kfac_seconds += self._log_interval(sums)
+            if self._max_steps_reached():
+                break
+        self.progress.end_epoch()
+        self.comm.allreduce(sums, average=False, category="metrics").wait()
+        train = run_report.host_values(sums)
+        kfac_seconds += self.kfac_timer.collect()
+        self._check_health()
+        val = self.validate()
+        steps = self.position.step_in_epoch - first
+        row = self._epoch_row(train, val, time.perf_counter() - epoch_start, steps, kfac_seconds)
+        complete = self.position.step_in_epoch >= self.steps_per_epoch
+        if self.is_main:
+            where = "" if complete else f" (stopped at training.max_steps={self.cfg.training.max_steps})"
+            print(
+                f"epoch {self.position.epoch + 1}/{self.cfg.training.epochs}{where}: "
+                f"train loss {row['train_loss']:.4f}, val loss {val[0]:.4f}, top-1 {val[1]:.4f}, "
+                f"top-5 {val[2]:.4f}, {row['epoch_seconds']:.1f} s",
+                flush=True,
+            )
+        if complete:
+            self.position.epoch += 1
+            self.position.step_in_epoch = 0
+        if not complete or self._max_steps_reached() or self._checkpoint_due():
+            self.save()
+        return row
+
+    def _log_interval(self, sums: torch.Tensor) -> float:
+        """The periodic log line (rank 0) and fallback check: one host read; returns the interval's K-FAC seconds."""
+        values = run_report.host_values(sums)  # synchronises the device, so the K-FAC events can be read
+        kfac_seconds = self.kfac_timer.collect()
+        self.progress.log(
+            epoch=self.position.epoch,
+            step_in_epoch=self.position.step_in_epoch,
+            global_step=self.position.global_step,
+            sums=values,
+            lr=self.lr,
+            kfac_seconds=kfac_seconds if self.pre is not None else None,
+        )
+        self._check_health()
+        return kfac_seconds
+
+    def _check_health(self) -> None:
+        if self.pre is not None:
+            self.health.check(self.pre.health(), self.position.global_step)
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.checkpoint.every_epochs
+        last = self.position.epoch == self.cfg.training.epochs
+        return last or (every is not None and self.position.epoch % every == 0)
+
+    def _epoch_row(
+        self, train: list[float], val: tuple[float, ...], seconds: float, steps: int, kfac_seconds: float
+    ) -> dict[str, Any]:
+        count = max(train[2], 1.0)
+        stats = self.comm.stats()
+        sent = sum(stats.get(c, {}).get("sent", 0) for c in KFAC_CATEGORIES)
+        received = sum(stats.get(c, {}).get("received", 0) for c in KFAC_CATEGORIES)
+        damping = resolve("damping", self.pre.damping, self.pre.steps) if self.pre is not None else None
+        return {
+            "epoch": self.position.epoch + 1,
+            "step": self.position.global_step,
+            "train_loss": train[0] / count,
+            "train_accuracy": train[1] / count,
+            "val_loss": val[0],
+            "val_top1": val[1],
+            "val_top5": val[2],
+            "lr": self.lr,
+            "damping": damping,
+            "epoch_seconds": seconds,
+            "step_seconds": seconds / max(steps, 1),
+            "kfac_step_seconds": kfac_seconds / max(steps, 1),
+            "bytes_sent": sent,
+            "bytes_received": received,
+        }
