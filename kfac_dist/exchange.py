@@ -174,13 +174,16 @@ class Exchange:
         return gathered
 
     def decomposition_from_fields(self, name: str, fields: Mapping[str, torch.Tensor]) -> Decomposition | None:
-        """Rebuild a decomposition saved by :meth:`gather_decompositions`; None if it does not fit this run."""
+        """Rebuild a decomposition saved by :meth:`gather_decompositions`, on this run's device.
+
+        None if it does not fit this run.
+        """
         expected = decomposition_fields(self._shapes[name], self.options.compute_method)
         if {f for f, _, _ in expected} != set(fields) or any(
             tuple(fields[f].shape) != shape for f, shape, _ in expected
         ):
             return None
-        cast = {f: fields[f].to(self.options.inv_dtype) for f, _, _ in expected}
+        cast = {f: fields[f].to(device=self.options.device, dtype=self.options.inv_dtype) for f, _, _ in expected}
         return self._assemble(name, {f"{name}/{f}": t for f, t in cast.items()})
 
     # ------------------------------------------------------------------------------------------- decompositions

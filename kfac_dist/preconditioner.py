@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kfac_dist import curvature
-from kfac_dist.comm import Communicator, LocalCommunicator, TorchDistCommunicator
+from kfac_dist.comm import Communicator, LocalCommunicator, RendezvousTimeout, TorchDistCommunicator
 from kfac_dist.exchange import Exchange, ExchangeOptions
 from kfac_dist.health import Health
 from kfac_dist.options import (
@@ -33,6 +33,9 @@ from kfac_dist.timing import PhaseTimer
 
 #: Default damping, in kfac-dist's factor scale (docs/conventions.md); chosen by measurement (docs/defaults.md).
 DEFAULT_DAMPING = 1.0
+
+#: Seconds `state_dict()` and `load_state_dict()` wait for every rank to call them before raising.
+STATE_TIMEOUT_S = 60.0
 
 GradScaler = Any  # torch.amp.GradScaler, or a callable returning the current loss scale
 
@@ -378,12 +381,20 @@ class KFACPreconditioner:
         return dict(self._health.counters)
 
     # ----------------------------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        """Steps and every layer's running factors, independent of the placement.
+    def state_dict(self, *, timeout: float = STATE_TIMEOUT_S) -> dict[str, Any]:
+        """Steps and every layer's running factors and decompositions, independent of the placement.
 
-        Collective: every rank calls it and gets the same factors, gathered from their owners, so a run can resume
-        on any number of ranks. Decompositions are not stored; their new owners recompute them after loading.
+        Collective: every rank calls it and gets the same state, gathered from the layers' owners, so a run can
+        resume on any number of ranks. Call it on every rank and save on one::
+
+            state = pre.state_dict()
+            if rank == 0:
+                torch.save(state, path)
+
+        Called on some ranks only, it raises `RuntimeError` on them after `timeout` seconds (torch.distributed;
+        see :meth:`Communicator.rendezvous`) instead of blocking forever, and the other ranks are not disturbed.
         """
+        self._check_every_rank_calls("state_dict()", timeout)
         kept = {name: (s.a, s.g) for name, s in self._states.items() if s.a is not None and s.g is not None}
         factors = self._exchange.gather_factors(kept)
         owned = {name: self._states[name].decomposition for name in self._plan.layers_owned_by(self.comm.rank)}
@@ -395,13 +406,16 @@ class KFACPreconditioner:
             "health": dict(self._health.counters),
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], *, timeout: float = STATE_TIMEOUT_S) -> None:
         """Restore :meth:`state_dict`, saved on any number of ranks.
 
         Each rank keeps the factors of the layers it owns and the decompositions of the layers it works on, so the
         run continues exactly as it would have. Decompositions that are missing or do not fit (another
-        ``compute_method``) are recomputed by their new owners at the next step.
+        ``compute_method``) are recomputed by their new owners at the next step. Collective, like
+        :meth:`state_dict`: every rank loads the same state (a rank that does not call it makes the callers raise
+        after `timeout` seconds).
         """
+        self._check_every_rank_calls("load_state_dict()", timeout)
         factors = state_dict["factors"]
         unknown = sorted(set(factors) - set(self._states))
         if unknown:
@@ -414,8 +428,10 @@ class KFACPreconditioner:
             if entry is None or not self._exchange.keeps_factors(name):
                 state.a = state.g = None
             else:
-                state.a = entry["A"].to(self._factor_dtype).clone()
-                state.g = entry["G"].to(self._factor_dtype).clone()
+                # On the model's device, whatever device the state was saved or loaded on (map_location="cpu").
+                device = self._exchange.options.device
+                state.a = entry["A"].to(device=device, dtype=self._factor_dtype, copy=True)
+                state.g = entry["G"].to(device=device, dtype=self._factor_dtype, copy=True)
         saved = state_dict.get("decompositions", {}) if state_dict.get("compute_method") == self.compute_method else {}
         worked = set(self._plan.layers_worked_by(self.comm.rank))
         missing = False
@@ -429,6 +445,21 @@ class KFACPreconditioner:
         self._health.counters.update(state_dict.get("health", {}))
         self._capturing = self._is_factor_step(self.steps)
         self._force_inverse = self._any_rank(missing)
+
+    def _check_every_rank_calls(self, what: str, timeout: float) -> None:
+        """Raise on this rank unless every rank calls `what` within `timeout` seconds (no collective runs)."""
+        try:
+            self.comm.rendezvous(f"KFACPreconditioner.{what}", timeout)
+        except RendezvousTimeout as error:
+            advice = (
+                "save on one: `state = pre.state_dict(); if rank == 0: torch.save(state, path)`"
+                if what == "state_dict()"
+                else "pass it the same state everywhere"
+            )
+            raise RuntimeError(
+                f"KFACPreconditioner.{what} is collective and must be called on every rank, as each layer's "
+                f"factors live on the rank that owns it, but {error.detail}. Call it on every rank and {advice}"
+            ) from error
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

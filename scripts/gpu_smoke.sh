@@ -9,8 +9,9 @@
 #   library    K-FAC on the GPU vs the CPU in float64, every layer kind, eigen and inverse (scripts/gpu_smoke.py)
 #   nccl W=1   one rank under torchrun with NCCL vs one process; every grad_worker_fraction and method
 #   nccl W=2   the same on two GPUs (only where the node has >= 2 GPUs)
-#   app        `kfac-dist train` on MNIST-5k under torchrun in fp32, fp16 and bf16: one epoch with a checkpoint,
-#              then a resume to the second epoch; both must end with a test accuracy above chance
+#   app        `kfac-dist train` on MNIST-5k under torchrun (1 rank: no process group) in fp32, fp16 and bf16:
+#              one epoch with a checkpoint, then a resume to the second epoch; both must end with a test accuracy
+#              above chance
 #   app gloo   two ranks with gloo on one GPU (CUDA tensors staged through the host), one epoch
 #
 # Environment: PYTHON (default python3), KFAC_SMOKE_DIR (logs and runs; default runs/gpu_smoke),
@@ -123,13 +124,13 @@ for amp in none fp16 bf16; do
     run="$DIR/app_$amp"
     rm -rf "$run"
     common=(training.amp="$amp" logging.dir="$run" comm.backend="$BACKEND" checkpoint.every_epochs=1)
-    app_check "app $BACKEND W=1 amp=$amp, epoch 1 with a checkpoint" 1 "$run.train.log" \
+    app_check "app W=1 amp=$amp, epoch 1 with a checkpoint" 1 "$run.train.log" \
         "${common[@]}" training.epochs=1 || continue
     if ! ls "$run"/checkpoints/*.pt > /dev/null 2>&1; then
         fail "app amp=$amp: no checkpoint under $run/checkpoints"
         continue
     fi
-    if app_check "app $BACKEND W=1 amp=$amp, resumed to epoch 2" 1 "$run.resume.log" \
+    if app_check "app W=1 amp=$amp, resumed to epoch 2" 1 "$run.resume.log" \
         "${common[@]}" training.epochs=2 checkpoint.resume=auto; then
         grep -q "^resumed from " "$run.resume.log" || fail "app amp=$amp: the second run did not resume (log: $run.resume.log)"
     fi

@@ -17,7 +17,12 @@
 # without an MPI. An MPI build records the MPI library's directory in its run path, so its cache entry is keyed
 # by that directory too (a clone elsewhere builds its own).
 #
-# Environment: PYTHON (default .venv/bin/python), KFAC_DIST_CACHE, HOROVOD_WITH_MPI, MAX_JOBS (build parallelism).
+# GPUs: HOROVOD_GPU_OPERATIONS=NCCL (with nvcc on PATH, HOROVOD_NCCL_HOME where NCCL is not in a system path) builds
+# the NCCL operations too; such a wheel is cached apart from the CPU ones, and the check above then also asks for NCCL.
+# docs/cluster.md ("Horovod") has the cluster recipe.
+#
+# Environment: PYTHON (default .venv/bin/python), KFAC_DIST_CACHE, HOROVOD_WITH_MPI, HOROVOD_GPU_OPERATIONS,
+# MAX_JOBS (build parallelism).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,16 +47,19 @@ case "${HOROVOD_WITH_MPI:-auto}" in
        WITH_MPI=1 ;;
     *) if [ -n "$MPICXX" ]; then WITH_MPI=1; else WITH_MPI=0; fi ;;
 esac
+WITH_NCCL=0
+[ "${HOROVOD_GPU_OPERATIONS:-}" = NCCL ] && WITH_NCCL=1
 
 horovod_ok() {
-    "$PY" - "$HOROVOD_VERSION" "$WITH_MPI" <<'PYEOF' >/dev/null 2>&1
+    "$PY" - "$HOROVOD_VERSION" "$WITH_MPI" "$WITH_NCCL" <<'PYEOF' >/dev/null 2>&1
 import sys
 
 import horovod
 import horovod.torch as hvd  # fails when the extension was built against another torch
 
 controllers_ok = hvd.gloo_built() and (hvd.mpi_built() or sys.argv[2] == "0")
-sys.exit(0 if horovod.__version__ == sys.argv[1] and controllers_ok else 1)
+nccl_ok = hvd.nccl_built() or sys.argv[3] == "0"
+sys.exit(0 if horovod.__version__ == sys.argv[1] and controllers_ok and nccl_ok else 1)
 PYEOF
 }
 
@@ -69,6 +77,9 @@ VARIANT=gloo
 if [ "$WITH_MPI" = 1 ]; then
     MPI_PREFIX="$(dirname "$(dirname "$(realpath "$MPICXX")")")"
     VARIANT="gloo-mpi-$(echo "$MPI_PREFIX" | sha256sum | cut -c1-8)"
+fi
+if [ "$WITH_NCCL" = 1 ]; then
+    VARIANT="$VARIANT-nccl"
 fi
 CACHE_ROOT="${KFAC_DIST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kfac-dist}"
 CACHE="$CACHE_ROOT/horovod/${HOROVOD_VERSION}-torch${TORCH_VERSION}-${PY_TAG}-${VARIANT}"
@@ -127,5 +138,5 @@ if ! horovod_ok; then
     "$PY" -c 'import horovod.torch' >&2 || true
     exit 1
 fi
-CONTROLLERS='import horovod.torch as h; print(*(c for c in ("gloo", "mpi") if getattr(h, f"{c}_built")()))'
+CONTROLLERS='import horovod.torch as h; print(*(c for c in ("gloo", "mpi", "nccl") if getattr(h, f"{c}_built")()))'
 echo "install_horovod: horovod $HOROVOD_VERSION ready (controllers: $("$PY" -c "$CONTROLLERS"))"

@@ -35,6 +35,41 @@ def run_single(args: Sequence[str], timeout: float = 300) -> subprocess.Complete
     return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def run_single_on_terminal(args: Sequence[str], timeout: float = 300) -> tuple[int, str, str]:
+    """``python -m kfac_dist.app.train ARGS`` with stderr on a pseudo-terminal: (exit code, stdout, terminal output)."""
+    import pty
+    import threading
+
+    leader, follower = pty.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # read while the run writes, so a full terminal buffer never blocks it
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the other end is closed
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    command = [sys.executable, "-m", "kfac_dist.app.train", *args]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=follower, stdin=subprocess.DEVNULL, text=True
+    )
+    os.close(follower)
+    try:
+        out, _ = process.communicate(timeout=timeout)
+        reader.join(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(leader)
+    return process.returncode, out, b"".join(chunks).decode(errors="replace")
+
+
 def run_torchrun(args: Sequence[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """``torchrun --standalone --nproc_per_node=N -m kfac_dist.app.train ARGS`` (torchrun fails if any rank fails)."""
     command = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "kfac_dist.app.train", *args]

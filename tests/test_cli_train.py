@@ -73,4 +73,7 @@ def test_unknown_flags_are_still_usage_errors(capsys: pytest.CaptureFixture[str]
     assert exited.value.code == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["plan", "--model", "resnet50", "--world-size", "4", "a=b"])  # only train takes overrides
+        main(["plan", "--model", "resnet50", "--no-such-flag", "--world-size", "4"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    assert main(["plan", "--model", "resnet50", "--world-size", "4", "a=b"]) == 2  # overrides need --config
+    assert "overrides need --config" in capsys.readouterr().err

@@ -3,6 +3,8 @@ processes at W = 2 and 4, per-rank bytes and memory exactly equal to what the pr
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import itertools
 import json
 import math
@@ -21,7 +23,7 @@ from kfac_dist.app.cli import main
 from kfac_dist.comm import TorchDistCommunicator
 from kfac_dist.models import build_model
 from kfac_dist.placement import Plan, build_plan, compute_cost
-from kfac_dist.planner import STEP_KINDS, PlanOptions, layer_shapes, plan_model
+from kfac_dist.planner import SHARED_OPTIONS, STEP_KINDS, PlanOptions, layer_shapes, plan_arguments, plan_model
 
 RESNET50_ARGS = ["--model", "resnet50", "--world-size", "64", "--grad-worker-fraction", "0.5"]
 RESNET50_ARGS += ["--factor-update-steps", "10", "--inv-update-steps", "100"]
@@ -140,6 +142,40 @@ def test_allreduce_plan_is_kaisa_and_schedule_kinds() -> None:
     json.dumps(report.to_dict())
 
 
+def test_plan_arguments_take_the_preconditioners_own_arguments() -> None:
+    def inv_steps(step: int) -> int:
+        return 100 if step < 50 else 1000
+
+    options = {
+        "factor_update_steps": 10,
+        "inv_update_steps": inv_steps,
+        "damping": 0.3,
+        "lr": 0.1,
+        "factor_dtype": None,
+        "inv_dtype": torch.float64,
+        "grad_worker_fraction": "hybrid-opt",
+        "factor_comm": "allreduce",
+        "skip_layers": ("fc",),
+    }
+    args = plan_arguments(options)
+    assert args == {
+        "factor_update_steps": 10,
+        "inv_update_steps": 100,
+        "inv_bytes": 8,
+        "grad_worker_fraction": "hybrid-opt",
+        "factor_comm": "allreduce",
+        "skip_layers": ("fc",),
+    }
+    assert plan_arguments(options, step=50)["inv_update_steps"] == 1000
+    assert plan_arguments({"factor_dtype": torch.bfloat16})["factor_bytes"] == 2
+    report = plan_model("resnet18", 4, name="my run", **args)
+    assert report.model == "my run" and report.options.inv_bytes == 8 and len(report.layers) == 20
+    preconditioner = set(inspect.signature(KFACPreconditioner).parameters)
+    plan_options = {f.name for f in dataclasses.fields(PlanOptions)}
+    assert set(SHARED_OPTIONS) <= preconditioner
+    assert set(SHARED_OPTIONS) | {"factor_bytes", "inv_bytes", "grad_bytes"} == plan_options
+
+
 def test_steps_per_period_counts_every_kind_of_step() -> None:
     for f, i in itertools.product(range(1, 13), repeat=2):
         options = PlanOptions(factor_update_steps=f, inv_update_steps=i)
@@ -191,7 +227,6 @@ def test_plan_options_reject_bad_values() -> None:
 @pytest.mark.parametrize(
     ("argv", "flag"),
     [
-        (["--model", "resnet50"], "--world-size"),
         (["--model", "resnet9000", "--world-size", "2"], "--model"),
         (["--model", "mlp", "--world-size", "0"], "--world-size"),
         (["--model", "mlp", "--world-size", "2", "--grad-worker-fraction", "0"], "--grad-worker-fraction"),

@@ -91,13 +91,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``plan`` arguments. Options left out come from ``--config``, else the preconditioner's defaults."""
     d = PlanOptions()
     default = "default: the config's, else {}".format
-    parser.add_argument("--config", help="training YAML whose model, K-FAC schedule and options to plan")
+    parser.add_argument(
+        "--config", metavar="FILE", help="training YAML whose model, K-FAC schedule and options to plan"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="override config values")
     parser.add_argument(
         "--model",
         help=f"one of {', '.join(MODEL_NAMES)}, or module:function returning an nn.Module ({default('required')})",
     )
-    parser.add_argument("--num-classes", type=_number(int, 1, False), help=default("the model's default"))
+    parser.add_argument(
+        "--num-classes",
+        type=_number(int, 1, False),
+        help="classes of the model's output layer (" + default("the model's own") + ")",
+    )
     parser.add_argument(
         "--input-shape",
         type=_shape,
@@ -316,7 +322,7 @@ def build_user_model(spec: str, num_classes: int | None = None) -> tuple[nn.Modu
             )
         function = getattr(function, part)
     if not callable(function):
-        raise PlanError(f"--model {spec}: {attribute} is a {type(function).__name__}, not a function")
+        raise PlanError(f"--model {spec}: {attribute} is {type(function).__name__}, not a function")
     kwargs = {}
     if num_classes is not None:
         if not _takes(function, "num_classes"):
@@ -332,7 +338,7 @@ def build_user_model(spec: str, num_classes: int | None = None) -> tuple[nn.Modu
     except Exception as error:  # the user's code may raise anything
         raise PlanError(f"--model {spec}: {call} on the meta device raised {_one_line(error)}") from None
     if not isinstance(model, nn.Module):
-        raise PlanError(f"--model {spec}: {call} returned a {type(model).__name__}, not an nn.Module")
+        raise PlanError(f"--model {spec}: {call} returned {type(model).__name__}, not an nn.Module")
     return model, _module_input_shape(module, module_name)
 
 

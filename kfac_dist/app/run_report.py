@@ -16,14 +16,13 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from kfac_dist import KFACPreconditioner
-from kfac_dist.app.components import DTYPES
+from kfac_dist.app.components import preconditioner_options
 from kfac_dist.app.config import Config
-from kfac_dist.comm import Communicator, LocalCommunicator, TorchDistCommunicator
-from kfac_dist.planner import plan_model
+from kfac_dist.comm import Communicator
+from kfac_dist.planner import plan_arguments, plan_model
 
 #: How ``training.amp`` runs, in words.
 PRECISIONS = {
@@ -38,15 +37,6 @@ MAX_NAMES = 10
 def host_values(tensor: torch.Tensor) -> list[float]:
     """The values of a metrics tensor on the host: the trainer's only device-to-host read (a sync on CUDA)."""
     return [float(v) for v in tensor.tolist()]
-
-
-def backend_name(comm: Communicator, cfg: Config) -> str:
-    """The communication backend actually in use."""
-    if isinstance(comm, TorchDistCommunicator):
-        return str(dist.get_backend())
-    if isinstance(comm, LocalCommunicator):
-        return "none (one process)"
-    return cfg.comm.backend
 
 
 def _names(names: Sequence[str]) -> str:
@@ -73,35 +63,17 @@ def _layer_lines(pre: KFACPreconditioner) -> list[str]:
     return lines
 
 
-def _plan_lines(cfg: Config, model: nn.Module, pre: KFACPreconditioner, world_size: int) -> list[str]:
-    """Per-rank memory and bytes per step that :func:`kfac_dist.planner.plan_model` predicts for this run."""
-    kfac = cfg.kfac
-    weight_dtype = next(model.parameters()).dtype
-    wide = weight_dtype in (torch.float32, torch.float64)  # the preconditioner's default: the weights', >= float32
-    factor_dtype = DTYPES[kfac.factor_dtype] if kfac.factor_dtype else weight_dtype if wide else torch.float32
-    report = plan_model(
-        model,
-        world_size,
-        grad_worker_fraction=kfac.grad_worker_fraction,
-        assignment=kfac.assignment,
-        factor_comm=kfac.factor_comm,
-        symmetric_comm=kfac.symmetric_comm,
-        compute_method=kfac.compute_method,
-        bucket_cap_mb=kfac.bucket_cap_mb,
-        factor_update_steps=kfac.factor_update_steps,
-        inv_update_steps=kfac.inv_update_steps,
-        skip_layers=kfac.skip_layers,
-        factor_bytes=factor_dtype.itemsize,
-        inv_bytes=DTYPES[kfac.inv_dtype].itemsize,
-        grad_bytes=weight_dtype.itemsize,
-    )
-    if report.plan.fingerprint() != pre.plan().fingerprint():
-        raise RuntimeError("the planner's placement differs from the preconditioner's; please report this bug")
+def _plan_lines(
+    cfg: Config, model: nn.Module, pre: KFACPreconditioner, world_size: int, steps_per_epoch: int
+) -> list[str]:
+    """Per-rank memory and bytes per step that :func:`kfac_dist.planner.plan_model` predicts for this run now."""
+    options = plan_arguments(preconditioner_options(cfg, steps_per_epoch), step=pre.steps)
+    report = plan_model(model, world_size, **options)
     s = report.summary()
     return [
         f"  K-FAC: {report.plan.grad_workers} grad worker(s) per layer (kfac.grad_worker_fraction="
-        f"{kfac.grad_worker_fraction}), factors every {kfac.factor_update_steps} step(s), decompositions every "
-        f"{kfac.inv_update_steps}",
+        f"{cfg.kfac.grad_worker_fraction}), factors every {options['factor_update_steps']} step(s), decompositions "
+        f"every {options['inv_update_steps']}",
         f"  K-FAC memory per rank (planned): max {_mib(s['memory_max'])}, mean {_mib(s['memory_mean'])}",
         f"  K-FAC traffic per rank per step (planned; sent + received, averaged over the schedule): "
         f"max {_mib(s['amortised_max'])}, mean {_mib(s['amortised_mean'])}",
@@ -111,8 +83,7 @@ def _plan_lines(cfg: Config, model: nn.Module, pre: KFACPreconditioner, world_si
 def startup_block(
     cfg: Config,
     *,
-    world_size: int,
-    backend: str,
+    comm: Communicator,
     device: torch.device,
     model: nn.Module,
     pre: KFACPreconditioner | None,
@@ -123,12 +94,13 @@ def startup_block(
     lines = [
         f"kfac-dist train: {cfg.model.name} on {cfg.data.name}, {cfg.training.epochs} epoch(s) of {steps_per_epoch} "
         f"steps{limit}",
-        f"  world size {world_size}, backend {backend}, device {device}, precision {PRECISIONS[cfg.training.amp]}",
+        f"  world size {comm.world_size}, backend {comm.name}, device {device}, "
+        f"precision {PRECISIONS[cfg.training.amp]}",
     ]
     if pre is None:
         lines.append("  K-FAC: off (kfac.enabled=false): the optimizer alone")
     else:
-        lines += _plan_lines(cfg, model, pre, world_size) + _layer_lines(pre)
+        lines += _plan_lines(cfg, model, pre, comm.world_size, steps_per_epoch) + _layer_lines(pre)
     return "\n".join(lines)
 
 
@@ -204,8 +176,10 @@ class Progress:
         sums: list[float],
         lr: float,
         kfac_seconds: float | None,
-    ) -> str:
+    ) -> None:
         """Report the interval that ended at ``global_step``; ``sums`` are the epoch's (loss sum, correct, count)."""
+        if not self.enabled:
+            return
         now = time.perf_counter()
         steps, seconds = max(global_step - self._last_step, 1), now - self._last_time
         loss_sum, count = sums[0] - self._last[0], sums[2] - self._last[2]
@@ -217,8 +191,6 @@ class Progress:
             f"{loss_sum / max(count, 1.0):.4f}, lr {lr:.4g}, {1000 * seconds / steps:.1f} ms/step ({share}), "
             f"ETA {_duration(eta)}"
         )
-        if not self.enabled:
-            return line
         if self.bar:
             done = step_in_epoch / self.steps_per_epoch
             sys.stderr.write(f"\r[{'#' * int(30 * done):<30}] {line}")
@@ -226,7 +198,6 @@ class Progress:
             self._drawn = True
         else:
             print(line, flush=True)
-        return line
 
     def end_epoch(self) -> None:
         """End the bar's line, if one was drawn."""
@@ -243,17 +214,14 @@ class HealthWatch:
         self.rank = rank
         self._seen = dict(counters)
 
-    def check(self, counters: Mapping[str, int], global_step: int) -> list[str]:
-        """Print (and return) one line per counter that grew since the last check."""
-        lines = []
+    def check(self, counters: Mapping[str, int], global_step: int) -> None:
+        """Print one line per counter that grew since the last check."""
         for name, total in counters.items():
             grown = total - self._seen.get(name, 0)
             if grown > 0:
-                lines.append(
+                print(
                     f"rank {self.rank}: K-FAC numerical fallback by step {global_step}: {name} +{grown} "
-                    f"({total} in total)"
+                    f"({total} in total)",
+                    flush=True,
                 )
         self._seen = dict(counters)
-        for line in lines:
-            print(line, flush=True)
-        return lines

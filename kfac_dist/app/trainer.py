@@ -38,7 +38,7 @@ from kfac_dist.app.config import Config, config_fingerprint
 from kfac_dist.app.config.schedules import learning_rate
 from kfac_dist.app.env import RunEnv
 from kfac_dist.app.metrics import MetricsLogger
-from kfac_dist.app.run_report import HealthWatch, Progress, SpanTimer, backend_name, startup_block
+from kfac_dist.app.run_report import HealthWatch, Progress, SpanTimer, startup_block
 from kfac_dist.comm import Communicator
 from kfac_dist.options import resolve
 
@@ -230,18 +230,17 @@ class Trainer:
     def run(self) -> RunResult:
         """Train to ``training.epochs`` (or ``training.max_steps``), validating and checkpointing as configured."""
         cfg = self.cfg
+        resumed = self.maybe_resume()
         if self.is_main:
             block = startup_block(
                 cfg,
-                world_size=self.comm.world_size,
-                backend=backend_name(self.comm, cfg),
+                comm=self.comm,
                 device=self.device,
                 model=self.model,
                 pre=self.pre,
                 steps_per_epoch=self.steps_per_epoch,
             )
             print(block, flush=True)
-        resumed = self.maybe_resume()
         if resumed is not None and self.is_main:
             print(f"resumed from {resumed} at epoch {self.position.epoch}, step {self.position.global_step}")
         self.health = HealthWatch(self.env.rank, self.pre.health() if self.pre is not None else {})  # after resume

@@ -9,7 +9,7 @@ mpi4py initialises MPI, and neither package is a requirement.
 from typing import TYPE_CHECKING, Any
 
 from kfac_dist.comm.accounting import collective_bytes
-from kfac_dist.comm.base import Communicator, CompletedHandle, Handle
+from kfac_dist.comm.base import Communicator, CompletedHandle, Handle, RendezvousTimeout
 from kfac_dist.comm.fusion import FusionPlan, FusionStep
 from kfac_dist.comm.layout import (
     Bucket,
@@ -54,6 +54,7 @@ __all__ = [
     "HorovodCommunicator",
     "LocalCommunicator",
     "MPICommunicator",
+    "RendezvousTimeout",
     "Target",
     "TorchDistCommunicator",
     "build_buckets",

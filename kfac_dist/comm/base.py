@@ -12,13 +12,18 @@ the bytes :func:`kfac_dist.comm.accounting.collective_bytes` gives for it (the b
 the alpha-beta model, exact in integers; zero for a group of one rank). ``n`` is the bytes of the tensor passed
 in (for `allgather`: of each rank's tensor).
 
-`create_groups`, `check_same` and `barrier` are control operations and are not counted.
+`create_groups`, `check_same`, `barrier` and `rendezvous` are control operations and are not counted.
+
+Devices: a communicator says which devices its tensors may live on (`devices`; e.g. NCCL: the current CUDA
+device only). Every tensor handed to an operation is checked against it first, so a tensor on the wrong device
+fails at once with a `ValueError` naming the operation, its category and both devices, instead of a hang or an
+abort inside the backend. The check compares ``tensor.device`` only: it never synchronises with a device.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -69,20 +74,62 @@ class PostprocessHandle(Handle):
         return self._inner.is_completed()
 
 
+class RendezvousTimeout(RuntimeError):
+    """Some ranks did not make a `Communicator.rendezvous` call within its timeout.
+
+    Attributes:
+        what: the name of the call.
+        missing: the ranks that had not made it when this rank gave up (empty if they all came, too late).
+        timeout: the seconds this rank waited.
+        detail: the message without the name of the call, e.g. ``"rank 1 did not call it within 60 s"``.
+    """
+
+    def __init__(self, what: str, missing: Sequence[int], timeout: float) -> None:
+        """Describe the failed rendezvous `what`."""
+        self.what = what
+        self.missing = list(missing)
+        self.timeout = timeout
+        if len(self.missing) == 1:
+            late = f"rank {self.missing[0]} did not call it"
+        elif self.missing:
+            late = f"ranks {', '.join(map(str, self.missing))} did not call it"
+        else:
+            late = "not every rank called it"
+        self.detail = f"{late} within {timeout:g} s"
+        super().__init__(f"{what}: {self.detail}")
+
+
 class Communicator(ABC):
     """Collectives with byte accounting, over a fixed set of ranks.
 
     Every operation on a group must be called by every member of that group, in the same order on all of them.
     Operations are asynchronous: they return a `Handle`, and the tensor holds the result once `Handle.wait`
-    returned. Tensors must be contiguous; results are written in place.
+    returned. Tensors must be contiguous and on one of `devices`; results are written in place.
+
+    Args:
+        rank: this process's global rank.
+        world_size: the number of ranks.
+        devices: the devices tensors may live on (a device without an index stands for every index of its
+            type), or None for any device.
+        name: how error messages name the communicator (e.g. its backend, ``"nccl"``).
     """
 
-    def __init__(self, rank: int, world_size: int) -> None:
-        """Set up a communicator for global rank `rank` of `world_size` ranks."""
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        *,
+        devices: Iterable[torch.device | str] | None = None,
+        name: str | None = None,
+    ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of size {world_size}")
         self._rank = rank
         self._world_size = world_size
+        self._devices = None if devices is None else tuple(torch.device(d) for d in devices)
+        if self._devices == ():
+            raise ValueError("devices must name at least one device, or be None for any device")
+        self.name = name or type(self).__name__
         self._known: set[Group] = {self.world}
         self._stats: dict[str, dict[str, int]] = {}
 
@@ -95,6 +142,11 @@ class Communicator(ABC):
     def world_size(self) -> int:
         """The number of ranks."""
         return self._world_size
+
+    @property
+    def devices(self) -> tuple[torch.device, ...] | None:
+        """The devices tensors may live on (a device without an index: any index), or None for any device."""
+        return self._devices
 
     @property
     def world(self) -> Group:
@@ -120,7 +172,7 @@ class Communicator(ABC):
         self, tensor: torch.Tensor, group: Sequence[int] | None = None, *, average: bool, category: str
     ) -> Handle:
         """Sum (or average) `tensor` over `group`; every member holds the result after `wait`."""
-        key = self._member_group(group, tensor)
+        key = self._checked("allreduce", category, group, tensor)
         self._record(category, *collective_bytes("allreduce", _nbytes(tensor), key, self._rank))
         if len(key) == 1:
             return CompletedHandle()
@@ -139,7 +191,7 @@ class Communicator(ABC):
 
         Only `dst` holds the result after `wait`; the other ranks' tensors are left undefined.
         """
-        key = self._member_group(group, tensor, root=dst)
+        key = self._checked("reduce", category, group, tensor, root=dst)
         self._record(category, *collective_bytes("reduce", _nbytes(tensor), key, self._rank, dst))
         if len(key) == 1:
             return CompletedHandle()
@@ -148,7 +200,7 @@ class Communicator(ABC):
 
     def broadcast(self, tensor: torch.Tensor, src: int, group: Sequence[int] | None = None, *, category: str) -> Handle:
         """Copy `tensor` from rank `src` (a global rank) to every other member of `group`."""
-        key = self._member_group(group, tensor, root=src)
+        key = self._checked("broadcast", category, group, tensor, root=src)
         self._record(category, *collective_bytes("broadcast", _nbytes(tensor), key, self._rank, src))
         if len(key) == 1:
             return CompletedHandle()
@@ -162,7 +214,7 @@ class Communicator(ABC):
         Returns the handle and a new tensor of shape ``(len(group), *tensor.shape)`` whose row ``i`` holds the
         tensor of the ``i``-th rank of the (increasing) group, valid after `wait`.
         """
-        key = self._member_group(group, tensor)
+        key = self._checked("allgather", category, group, tensor)
         self._record(category, *collective_bytes("allgather", _nbytes(tensor), key, self._rank))
         if len(key) == 1:
             return CompletedHandle(), tensor.unsqueeze(0).clone()
@@ -193,6 +245,23 @@ class Communicator(ABC):
         """Block until every rank reached this call."""
         self._barrier()
 
+    def rendezvous(self, what: str, timeout: float) -> None:
+        """Check, without a collective, that every rank makes this call `what` within `timeout` seconds.
+
+        A guard for an operation that a user might run on some ranks only (e.g. ``state_dict()`` under
+        ``if rank == 0``): the ranks that call it raise `RendezvousTimeout` once `timeout` seconds passed without
+        every rank arriving, instead of blocking in a collective forever, and the ranks that did not call it are
+        left undisturbed (nothing is posted to their process groups). Calls are numbered per `what`; a call
+        that timed out is skipped by ranks that reach it later, so a later call made by every rank succeeds.
+
+        Backends with a shared key-value store check (torch.distributed: its store); the others (MPI, Horovod)
+        return at once, and a collective that follows blocks as it would have without the guard.
+        """
+        if not timeout > 0:
+            raise ValueError(f"the timeout of rendezvous {what!r} must be > 0 seconds; got {timeout!r}")
+        if self._world_size > 1:
+            self._rendezvous(what, timeout)
+
     def stats(self) -> dict[str, dict[str, int]]:
         """Bytes moved by this rank since `reset_stats`: ``{category: {"sent": .., "received": ..}}``."""
         return {cat: dict(counts) for cat, counts in self._stats.items()}
@@ -206,7 +275,11 @@ class Communicator(ABC):
         counts["sent"] += sent
         counts["received"] += received
 
-    def _member_group(self, group: Sequence[int] | None, tensor: torch.Tensor, root: int | None = None) -> Group:
+    def _checked(
+        self, op: str, category: str, group: Sequence[int] | None, tensor: torch.Tensor, root: int | None = None
+    ) -> Group:
+        """The canonical group of an operation, after checking its arguments (before anything is recorded)."""
+        self._check_device(op, category, tensor.device)
         key = self.world if group is None else canonical_group(group)
         if self._rank not in key:
             raise ValueError(f"rank {self._rank} is not a member of group {key}")
@@ -217,6 +290,17 @@ class Communicator(ABC):
         if not tensor.is_contiguous():
             raise ValueError("collectives need a contiguous tensor")
         return key
+
+    def _check_device(self, op: str, category: str, device: torch.device) -> None:
+        if self._devices is None:
+            return
+        for allowed in self._devices:
+            if device.type == allowed.type and (allowed.index is None or device.index == allowed.index):
+                return
+        wanted = " or ".join(str(d) for d in self._devices)
+        raise ValueError(
+            f"{op}(category={category!r}): tensor on {device}, but the {self.name} communicator needs {wanted} tensors"
+        )
 
     @staticmethod
     def _averaged(handle: Handle, tensor: torch.Tensor, divisor: int) -> Handle:
@@ -257,6 +341,13 @@ class Communicator(ABC):
     @abstractmethod
     def _barrier(self) -> None:
         """Block until every rank of the world reached the barrier."""
+
+    def _rendezvous(self, what: str, timeout: float) -> None:
+        """Raise `RendezvousTimeout` unless every rank makes this call within `timeout` (world size > 1).
+
+        This default cannot check without a collective, so it returns at once (see `rendezvous`).
+        """
+        return None
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

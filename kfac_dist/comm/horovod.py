@@ -191,7 +191,7 @@ class HorovodCommunicator(Communicator):
     def __init__(self) -> None:
         if not hvd.is_initialized():
             hvd.init(process_sets="dynamic")
-        super().__init__(rank=hvd.rank(), world_size=hvd.size())
+        super().__init__(rank=hvd.rank(), world_size=hvd.size(), devices=("cpu", "cuda"), name="horovod")
         self._sets: dict[Group, Any] = {self.world: hvd.global_process_set}
         self._prefix = f"kfac{next(_INSTANCES)}"
         self._counts: dict[Group, int] = {}

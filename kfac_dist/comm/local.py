@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from kfac_dist.comm.base import Communicator, CompletedHandle, Group, Handle
@@ -12,11 +14,14 @@ class LocalCommunicator(Communicator):
 
     Its only group is ``(0,)``, so the base class never reaches the collective primitives below with a group
     of more than one rank; they are written out as what they mean over a single rank.
+
+    Args:
+        devices: the devices tensors may live on (default: any). E.g. ``("cuda",)`` makes a one-process run
+            refuse what an NCCL run would refuse: a tensor handed to a collective that is not on the GPU.
     """
 
-    def __init__(self) -> None:
-        """Create the communicator of a one-process world."""
-        super().__init__(rank=0, world_size=1)
+    def __init__(self, *, devices: Iterable[torch.device | str] | None = None) -> None:
+        super().__init__(rank=0, world_size=1, devices=devices, name="local")
 
     def _new_group(self, group: Group) -> None:
         """No backend groups exist in a world of one rank."""

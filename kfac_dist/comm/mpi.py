@@ -103,7 +103,7 @@ class MPICommunicator(Communicator):
 
     def __init__(self, comm: Any = None) -> None:
         base = MPI.COMM_WORLD if comm is None else comm
-        super().__init__(rank=base.Get_rank(), world_size=base.Get_size())
+        super().__init__(rank=base.Get_rank(), world_size=base.Get_size(), devices=("cpu", "cuda"), name="mpi")
         self._world_comm = base.Dup()
         self._world_group = self._world_comm.Get_group()
         self._comms: dict[Group, Any] = {self.world: self._world_comm}

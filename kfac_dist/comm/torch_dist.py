@@ -1,19 +1,26 @@
 """`TorchDistCommunicator`: collectives over an initialised ``torch.distributed`` default process group.
 
-Works with gloo (CPU tensors) and NCCL (CUDA tensors; call ``torch.cuda.set_device`` for the local rank before
-constructing it, as ``all_gather_object`` relies on the current device). On NCCL, `Handle.wait` does not block
-the host: it orders the result on the current CUDA stream, and the division of an averaged reduction is queued
-there too.
+Works with gloo (CPU tensors, and CUDA tensors, which gloo stages through the host) and NCCL (CUDA tensors of
+the current device: call ``torch.cuda.set_device`` for the local rank before constructing it, as
+``all_gather_object`` relies on it too). The devices are read from the default group's backend, per device type
+(``cpu:gloo,cuda:nccl`` accepts both), so a tensor on a device its backend cannot serve fails at once with a
+clear error. On NCCL, `Handle.wait` does not block the host: it orders the result on the current CUDA stream,
+and the division of an averaged reduction is queued there too.
+
+`rendezvous` runs through the default group's key-value store (:mod:`kfac_dist.comm.rendezvous`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from kfac_dist.comm.base import Communicator, Group, Handle
+from kfac_dist.comm.rendezvous import StoreRendezvous
 
 
 class WorkHandle(Handle):
@@ -33,17 +40,37 @@ class WorkHandle(Handle):
 
 
 class TorchDistCommunicator(Communicator):
-    """The `Communicator` over ``torch.distributed``; the default process group must be initialised first."""
+    """The `Communicator` over ``torch.distributed``; the default process group must be initialised first.
 
-    def __init__(self) -> None:
-        """Use the default process group; raises `RuntimeError` if it is not initialised."""
+    Raises `RuntimeError` if it is not initialised.
+
+    Args:
+        devices: the devices tensors may live on (see `Communicator`); default: those the default group's
+            backends serve (:func:`backend_devices`).
+    """
+
+    def __init__(self, *, devices: Iterable[torch.device | str] | None = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("TorchDistCommunicator needs torch.distributed.init_process_group() to be called first")
-        super().__init__(rank=dist.get_rank(), world_size=dist.get_world_size())
+        super().__init__(
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            devices=backend_devices() if devices is None else devices,
+            name=str(dist.get_backend()),
+        )
         # A group of K-FAC's own for the whole world: its collectives never interleave with the user's (DDP's
         # gradient allreduce runs on the default group while K-FAC reduces factors from backward hooks).
         world = dist.new_group(ranks=list(self.world)) if self.world_size > 1 else dist.group.WORLD
+        assert world is not None
         self._groups: dict[Group, Any] = {self.world: world}
+        # Keys under the name of K-FAC's world group: the same on every rank, unique per communicator. A group
+        # made without a store (the MPI backend) has no bounded rendezvous (see Communicator.rendezvous).
+        store = distributed_c10d._get_default_store()
+        self._store_rendezvous = (
+            None
+            if store is None
+            else StoreRendezvous(store, f"kfac_dist/{world.group_name}/", self.rank, self.world_size)
+        )
 
     def _new_group(self, group: Group) -> None:
         self._groups[group] = dist.new_group(ranks=list(group))
@@ -72,3 +99,24 @@ class TorchDistCommunicator(Communicator):
 
     def _barrier(self) -> None:
         dist.barrier()
+
+    def _rendezvous(self, what: str, timeout: float) -> None:
+        if self._store_rendezvous is not None:
+            self._store_rendezvous.arrive(what, timeout)
+
+
+def backend_devices() -> tuple[torch.device, ...] | None:
+    """The devices the default process group's backends serve; None where a backend is not known here.
+
+    NCCL serves the current CUDA device only; gloo serves CPU tensors and CUDA tensors of any device.
+    """
+    devices: list[torch.device] = []
+    for part in dist.get_backend_config().lower().split(","):
+        device_type, _, backend = part.rpartition(":")
+        if backend == "nccl":
+            devices.append(torch.device("cuda", torch.cuda.current_device()))
+        elif backend == "gloo":
+            devices += [torch.device(device_type)] if device_type else [torch.device("cpu"), torch.device("cuda")]
+        else:
+            return None
+    return tuple(devices)

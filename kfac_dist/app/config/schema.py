@@ -295,11 +295,13 @@ class TrainingConfig(Section):
 
     Attributes:
         epochs: Passes over the training set.
-        max_steps: Stop after this many optimizer steps (smoke runs); null: no cap.
+        max_steps: Stop after this many optimizer steps (smoke runs), finishing like an epoch (validation, a metrics
+            row, a checkpoint); null: no cap.
         accumulation_steps: Micro-batches per optimizer step.
         amp: Mixed precision: ``none``, ``bf16`` or ``fp16`` (with a gradient scaler).
         device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
-        log_every_steps: Log training metrics every this many optimizer steps.
+        log_every_steps: Rank 0 prints a line (loss, lr, step time, K-FAC share, ETA) every this many optimizer steps;
+            the metrics are read from the device only then, and numerical fallbacks are reported then.
         grad_clip: Largest global norm of the gradient the optimizer applies (after K-FAC); null: no clipping.
     """
 
@@ -341,7 +343,8 @@ class LoggingConfig(Section):
         dir: The run directory (``metrics.csv``, ``tensorboard/``, by default ``checkpoints/``).
         csv: Write ``metrics.csv``.
         tensorboard: Write TensorBoard event files.
-        progress_bar: Show a progress bar on rank 0.
+        progress_bar: Rank 0 draws a carriage-return bar on stderr in place of the log lines, only when stderr is a
+            terminal.
     """
 
     dir: str = "runs/mnist_cnn"
