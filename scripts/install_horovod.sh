@@ -3,7 +3,7 @@
 #
 # Horovod 0.28.1, the last release, does not build against torch 2.x as released: its CMake asks for C++14 and
 # torch's headers need C++17. This script downloads the sdist from PyPI, patches CMAKE_CXX_STANDARD 14 -> 17 in
-# CMakeLists.txt and horovod/torch/CMakeLists.txt, builds a wheel (about 11 minutes on 2 cores) and caches it under
+# CMakeLists.txt and horovod/torch/CMakeLists.txt, builds a wheel (4-10 minutes on 2 cores) and caches it under
 #   ${KFAC_DIST_CACHE:-${XDG_CACHE_HOME:-~/.cache}/kfac-dist}/horovod/<horovod>-torch<torch>-<python>-<variant>/
 # so later runs on the same machine (fresh clones, CI) install the cached wheel in seconds.
 #
@@ -106,7 +106,7 @@ if ! install_cached; then
     WORK="$(mktemp -d)"
     trap 'rm -rf "$WORK"' EXIT
     echo "install_horovod: building horovod $HOROVOD_VERSION ($VARIANT) for torch $TORCH_VERSION, $PY_TAG" \
-        "(~11 min on 2 cores)"
+        "(4-10 min on 2 cores)"
     START=$SECONDS
     pip_q download -q --no-deps --no-binary :all: --no-build-isolation -d "$WORK" "horovod==$HOROVOD_VERSION"
     tar -xzf "$WORK/horovod-$HOROVOD_VERSION.tar.gz" -C "$WORK"

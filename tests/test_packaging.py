@@ -105,22 +105,29 @@ def test_pip_install_keeps_the_users_torch(wheel: Path, tmp_path: Path) -> None:
     user whose CUDA torch differs.
     """
     env_dir = tmp_path / "user-env"
-    venv.EnvBuilder(with_pip=True).create(env_dir)
-    python = env_dir / "bin" / "python"
-    pip = [str(python), "-m", "pip", "--disable-pip-version-check", "install", "-q"]
-    run([*pip, "-c", str(CONSTRAINTS), "torch"], cwd=tmp_path, timeout=600)
-    before = torch_state(python, tmp_path)
-    (record_path,) = env_dir.glob("lib/python*/site-packages/torch-*.dist-info/RECORD")
-    mtime = record_path.stat().st_mtime_ns
+    try:
+        venv.EnvBuilder(with_pip=True).create(env_dir)
+        python = env_dir / "bin" / "python"
+        pip = [str(python), "-m", "pip", "--disable-pip-version-check", "install", "-q"]
+        run([*pip, "-c", str(CONSTRAINTS), "torch"], cwd=tmp_path, timeout=600)
+        before = torch_state(python, tmp_path)
+        (record_path,) = env_dir.glob("lib/python*/site-packages/torch-*.dist-info/RECORD")
+        mtime = record_path.stat().st_mtime_ns
 
-    run([*pip, str(wheel)], cwd=tmp_path, timeout=300)
+        # The user's pip would replace a torch the requirements exclude; pinning the installed one turns that into
+        # a quick resolver error here instead of a download of another torch (GBs for a CUDA build).
+        keep = tmp_path / "keep-torch.txt"
+        keep.write_text(f"torch=={before[0]}\n")
+        run([*pip, "-c", str(keep), str(wheel)], cwd=tmp_path, timeout=300)
 
-    assert torch_state(python, tmp_path) == before
-    assert record_path.stat().st_mtime_ns == mtime, "pip reinstalled torch"
-    printed = run([str(env_dir / "bin" / "kfac-dist"), "train", "--print-config"], cwd=tmp_path, timeout=120).stdout
-    assert "name: mnist-5k" in printed
-    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('launch') is not None)"
-    run([str(python), "-c", probe], cwd=tmp_path, timeout=60)  # no top-level `launch` package was installed
+        assert torch_state(python, tmp_path) == before
+        assert record_path.stat().st_mtime_ns == mtime, "pip reinstalled torch"
+        kfac_dist = str(env_dir / "bin" / "kfac-dist")
+        assert "name: mnist-5k" in run([kfac_dist, "train", "--print-config"], cwd=tmp_path, timeout=120).stdout
+        probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('launch') is not None)"
+        run([str(python), "-c", probe], cwd=tmp_path, timeout=60)  # no top-level `launch` package was installed
+    finally:
+        shutil.rmtree(env_dir, ignore_errors=True)  # about 1 GB: not kept with pytest's last temporary directories
 
 
 @pytest.mark.parametrize(

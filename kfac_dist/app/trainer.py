@@ -125,7 +125,7 @@ class Trainer:
             "rng": capture_rng_state(),
         }
         if self.pre is not None:
-            state["kfac"] = self.pre.state_dict()
+            state["kfac"] = self.pre.state_dict(timeout=self.cfg.comm.timeout_s)  # ranks may arrive far apart
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         if self.is_main:
@@ -153,7 +153,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.pre is not None and "kfac" in state:
-            self.pre.load_state_dict(state["kfac"])
+            self.pre.load_state_dict(state["kfac"], timeout=self.cfg.comm.timeout_s)
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
