@@ -1,4 +1,9 @@
-"""Numerical fallbacks: counted per kind, logged once per layer and kind, and the decomposition retry ladder."""
+"""Numerical fallbacks: counted per kind, logged once per layer and kind, and the decomposition retry ladder.
+
+Most fallbacks are decided on the host and counted at once. ``nonfinite_gradient`` is decided on the device (is a
+gradient ``step()`` writes NaN/Inf?) and tallied there with :meth:`Health.tally`, without a host sync; the tally is
+read when the counters are (``KFACPreconditioner.health()``, e.g. once per logging interval).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,25 @@ class Health:
 
     def __init__(self) -> None:
         self.counters = dict.fromkeys(HEALTH_COUNTERS, 0)
+        self._tallies: dict[str, torch.Tensor] = {}
+        self._warned: set[str] = set()
+
+    def tally(self, counter: str, flag: torch.Tensor) -> None:
+        """Add a 0-d boolean device tensor to `counter` without reading it (see :meth:`totals`)."""
+        flag = flag.to(torch.int64)
+        previous = self._tallies.get(counter)
+        self._tallies[counter] = flag if previous is None else previous + flag
+
+    def totals(self) -> dict[str, int]:
+        """Every counter, device tallies included (read here: a device sync on CUDA); logs a tally's first growth."""
+        for counter, tally in self._tallies.items():
+            grown = int(tally.item())
+            self.counters[counter] += grown
+            if grown and counter not in self._warned:
+                self._warned.add(counter)
+                logger.warning("kfac_dist: %s on %d step(s) (further occurrences are only counted)", counter, grown)
+        self._tallies.clear()
+        return dict(self.counters)
 
     def count(self, state: LayerState, counter: str, message: str) -> None:
         """Count a fallback and log it the first time it happens to this layer."""

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kfac_dist import curvature
+from kfac_dist.agreement import describe_options, option_differences
 from kfac_dist.comm import Communicator, LocalCommunicator, RendezvousTimeout, TorchDistCommunicator
 from kfac_dist.exchange import Exchange, ExchangeOptions
 from kfac_dist.health import Health
@@ -80,6 +81,9 @@ class KFACPreconditioner:
 
     Hyperparameters ``factor_update_steps``, ``inv_update_steps``, ``damping``, ``factor_decay``, ``kl_clip`` and
     ``lr`` may be callables of the K-FAC step (the number of completed ``step()`` calls).
+
+    Construction is collective: every rank must pass the same options (callables: the same value at step 0; see
+    :mod:`kfac_dist.agreement`) and an equal model, else every rank raises `RuntimeError` naming what differs.
     """
 
     def __init__(
@@ -130,6 +134,29 @@ class KFACPreconditioner:
         bucket_cap_mb = float(resolve("bucket_cap_mb", bucket_cap_mb, 0))
         self.comm = communicator if communicator is not None else default_communicator()
         fraction = resolve_grad_worker_fraction(grad_worker_fraction, self.comm.world_size)
+        options_used = {
+            "factor_update_steps": self.factor_update_steps,
+            "inv_update_steps": self.inv_update_steps,
+            "damping": self.damping,
+            "factor_decay": self.factor_decay,
+            "kl_clip": self.kl_clip,
+            "lr": self.lr,
+            "compute_method": self.compute_method,
+            "loss_reduction": self.loss_reduction,
+            "accumulation_steps": self.accumulation_steps,
+            "grad_scaler": grad_scaler,
+            "factor_dtype": chosen_factor_dtype,
+            "inv_dtype": self.inv_dtype,
+            "skip_layers": self.skip_layers,
+            "grad_worker_fraction": fraction,
+            "assignment": assignment,
+            "factor_comm": factor_comm,
+            "symmetric_comm": symmetric_comm,
+            "bucket_cap_mb": bucket_cap_mb,
+        }
+        disagreement = option_differences(self.comm.gather_strings(describe_options(options_used)))
+        if disagreement is not None:  # before any collective whose shape depends on an option
+            raise RuntimeError(disagreement)
 
         self.model = unwrap(model)
         self._states, self._report = register_layers(self.model, self.skip_layers)
@@ -318,10 +345,14 @@ class KFACPreconditioner:
             lr = resolve("lr", self.lr, step)
             scale = curvature.kl_clip_scale(preconditioned, raw, lr, kl_clip)
             preconditioned = [p * scale.to(p.dtype) for p in preconditioned]
+        written = []
         for state, result, grad in zip(states, preconditioned, raw, strict=True):
             if state.name in received:
                 result = torch.where((received[state.name] == 0).all(), grad, result)
             state.layer.set_grad_matrix(result)
+            written.append(result.sum(dtype=torch.float64))
+        if written:  # counted on the device (no host sync); a NaN/Inf anywhere makes the float64 sum non-finite
+            self._health.tally("nonfinite_gradient", ~torch.isfinite(torch.stack(written).sum()))
 
     def _any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank (collective), so every rank takes the same branch."""
@@ -377,8 +408,13 @@ class KFACPreconditioner:
         )
 
     def health(self) -> dict[str, int]:
-        """Counters of numerical fallbacks on this rank since construction."""
-        return dict(self._health.counters)
+        """Counters of numerical fallbacks on this rank since construction (see ``kfac_dist.report.HEALTH_COUNTERS``).
+
+        ``nonfinite_gradient`` counts steps on which a gradient ``step()`` wrote was NaN/Inf (passed on as it is:
+        what to do with such a step is the training loop's choice). It is tallied on the device and read here, so
+        call this at most once per logging interval where a host sync matters.
+        """
+        return self._health.totals()
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self, *, timeout: float = STATE_TIMEOUT_S) -> dict[str, Any]:
@@ -403,7 +439,7 @@ class KFACPreconditioner:
             "factors": {name: {"A": a, "G": g} for name, (a, g) in factors.items()},
             "compute_method": self.compute_method,
             "decompositions": self._exchange.gather_decompositions(owned),
-            "health": dict(self._health.counters),
+            "health": self._health.totals(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any], *, timeout: float = STATE_TIMEOUT_S) -> None:

@@ -10,6 +10,7 @@ HEALTH_COUNTERS = (
     "decomposition_retried_float64",
     "decomposition_kept_previous",
     "decomposition_unavailable",
+    "nonfinite_gradient",
 )
 
 

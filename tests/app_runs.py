@@ -76,10 +76,18 @@ def run_torchrun(args: Sequence[str], nproc: int = 2, timeout: float = 300) -> s
     return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def run_slurm_shaped(
-    args: Sequence[str], ntasks: int = 2, timeout: float = 300
-) -> list[subprocess.CompletedProcess[str]]:
-    """N plain processes with the variables ``srun -N1 -n N`` sets; returns each one's result (rank order)."""
+def start_torchrun(args: Sequence[str], log_dir: Path, nproc: int = 2) -> subprocess.Popen[str]:
+    """Start `run_torchrun`'s command without waiting; its stdout and stderr go to LOG_DIR/torchrun.{out,err}."""
+    command = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "kfac_dist.app.train", *args]
+    with open(log_dir / "torchrun.out", "w") as out, open(log_dir / "torchrun.err", "w") as err:
+        return subprocess.Popen(command, cwd=REPO, env=_env(), stdout=out, stderr=err, text=True)
+
+
+def start_slurm_shaped(
+    args: Sequence[str], ntasks: int = 2, log_dir: Path | None = None
+) -> list[subprocess.Popen[str]]:
+    """Start `run_slurm_shaped`'s processes without waiting (rank order); with LOG_DIR, each rank's stdout and stderr
+    go to LOG_DIR/rank{R}.{out,err} instead of pipes."""
     port = str(free_port())
     processes = []
     for rank in range(ntasks):
@@ -99,11 +107,20 @@ def run_slurm_shaped(
             "MASTER_PORT": port,
         }
         command = [sys.executable, "-m", "kfac_dist.app.train", *args]
-        processes.append(
-            subprocess.Popen(
-                command, cwd=REPO, env=_env(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
+        if log_dir is None:
+            pipe = subprocess.PIPE
+            processes.append(subprocess.Popen(command, cwd=REPO, env=_env(extra), stdout=pipe, stderr=pipe, text=True))
+            continue
+        with open(log_dir / f"rank{rank}.out", "w") as out, open(log_dir / f"rank{rank}.err", "w") as err:
+            processes.append(subprocess.Popen(command, cwd=REPO, env=_env(extra), stdout=out, stderr=err, text=True))
+    return processes
+
+
+def run_slurm_shaped(
+    args: Sequence[str], ntasks: int = 2, timeout: float = 300
+) -> list[subprocess.CompletedProcess[str]]:
+    """N plain processes with the variables ``srun -N1 -n N`` sets; returns each one's result (rank order)."""
+    processes = start_slurm_shaped(args, ntasks)
     results = []
     try:
         for process in processes:

@@ -1,4 +1,4 @@
-"""Test-session rules: under KFAC_DIST_STRICT=1 (set by .ci/run) a skipped test is a failure."""
+"""Test-session rules: under KFAC_DIST_STRICT=1 (set by .ci/run) a skipped test is a failure; float32 default dtype."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from collections.abc import Generator
 
 import pytest
+import torch
 
 STRICT = os.environ.get("KFAC_DIST_STRICT") == "1"
 
@@ -19,3 +20,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"KFAC_DIST_STRICT=1: skipped tests fail ({reason})"
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_dtype() -> Generator[None, None, None]:
+    """Each test starts with float32 as torch's default dtype, whatever an earlier test (or its in-process rank) set."""
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(torch.float32)

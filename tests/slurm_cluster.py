@@ -195,8 +195,8 @@ JobCompType=jobcomp/none
 # sbatch --wait sleeps 2 s between polls, x4 while that is below MinJobAge / 2 (the default 300 gives 2, 8, 32 s):
 # 4 keeps it at 2 s, so a test sees its job end within 2 s.
 MinJobAge=4
-# Jobs' default MASTER_PORT is 15000 + job id % 20000: start elsewhere than 1, so two test sessions on one machine
-# (two clusters) rarely derive the same ports.
+# Job steps' default MASTER_PORT is 15000 + (job id % 200) * 100 + step id % 100 (kfac_dist/app/env.py): start
+# elsewhere than 1, so two test sessions on one machine (two clusters) rarely derive the same ports.
 FirstJobId={random.randrange(1, 20000)}
 KillWait=5
 InactiveLimit=0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ from app_runs import (
 from data_fakes import write_fake_cifar10
 
 from kfac_dist.app.metrics import read_metrics
+
+#: A traceback frame in our code (torchrun's own agent prints a traceback whenever a worker fails).
+OUR_TRACEBACK = re.compile(r'File "[^"]*kfac_dist/')
 
 
 def test_mnist_under_torchrun_two_ranks_reaches_accuracy(tmp_path: Path) -> None:
@@ -120,10 +124,13 @@ def test_cifar10_format_trains_one_epoch(tmp_path: Path) -> None:
     ],
 )
 def test_config_errors_stop_every_rank_with_one_message(tmp_path: Path, override: str, message: str) -> None:
+    # Every rank checks the config before any process group starts and exits with code 2. Guaranteed: the job
+    # fails, at least one rank prints the one-line error, none prints a traceback of ours. Not guaranteed:
+    # that both print it, since torchrun's agent SIGTERMs the other rank as soon as the first one exits.
     result = run_torchrun([f"logging.dir={tmp_path}", override], timeout=120)
     assert result.returncode != 0, explain(result)
-    assert result.stderr.count(f"kfac-dist train: error: override '{override}'") == 2, explain(result)
-    assert message in result.stderr
+    assert result.stderr.count(f"kfac-dist train: error: override '{override}'") in (1, 2), explain(result)
+    assert message in result.stderr and not OUR_TRACEBACK.search(result.stderr), explain(result)
 
 
 def test_missing_data_directory_is_named_on_every_rank(tmp_path: Path) -> None:
@@ -132,7 +139,8 @@ def test_missing_data_directory_is_named_on_every_rank(tmp_path: Path) -> None:
         ["--config", "configs/imagenet_resnet50.yaml", f"data.root={missing}", f"logging.dir={tmp_path}"], timeout=120
     )
     assert result.returncode != 0, explain(result)
-    assert result.stderr.count(str(missing)) >= 2, explain(result)
+    # At least one rank names the directory (the first to fail makes torchrun stop the other), without a traceback.
+    assert str(missing) in result.stderr and not OUR_TRACEBACK.search(result.stderr), explain(result)
 
 
 def test_accumulation_and_bf16_autocast_run_under_torchrun(tmp_path: Path) -> None:

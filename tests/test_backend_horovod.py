@@ -16,7 +16,7 @@ import pytest
 from backend_runs import SCRIPT, find_launcher, launch, mpiexec_command
 from distributed_cases import cases
 
-INSTALL_HINT = "bash scripts/install_horovod.sh: ~11 min once per machine, then cached; scripts/setup.sh runs it"
+INSTALL_HINT = "bash scripts/install_horovod.sh: 4-10 min once per machine, then cached; scripts/setup.sh test runs it"
 
 
 def _horovod_controllers() -> set[str]:

@@ -168,7 +168,9 @@ def test_wrong_type_names_file_key_and_allowed(tmp_path, text, key, allowed):
         ("seed: -1\n", "seed", "an integer in [0, 4294967296)"),
         ("comm:\n  backend: tcp\n", "comm.backend", "one of 'auto', 'nccl', 'gloo', 'mpi', 'horovod'"),
         ("training:\n  grad_clip: .nan\n", "training.grad_clip", "a number in (0, inf) or null"),
-        ("comm:\n  timeout_s: .inf\n", "comm.timeout_s", "a number in (0, inf)"),
+        ("comm:\n  timeout_s: .inf\n", "comm.timeout_s", "a number in [1, 604800]"),
+        ("comm:\n  timeout_s: 1e300\n", "comm.timeout_s", "a number in [1, 604800]"),
+        ("comm:\n  timeout_s: 1e-6\n", "comm.timeout_s", "a number in [1, 604800]"),
     ],
 )
 def test_out_of_range_names_file_key_and_allowed(tmp_path, text, key, allowed):
@@ -253,8 +255,17 @@ def test_missing_file_names_the_file(tmp_path):
     assert error_of(path).startswith(f"{path}: file: cannot be read")
 
 
-def test_empty_file_is_the_defaults(tmp_path):
-    assert load_config(write(tmp_path, "")) == Config()
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_empty_file_is_an_error_naming_it(tmp_path, text):
+    path = write(tmp_path, text)
+    assert error_of(path) == f"{path}: file: is empty; allowed: a mapping of sections; {{}} for the built-in defaults"
+    assert load_config(write(tmp_path, "{}\n")) == Config()  # the defaults, asked for
+
+
+def test_file_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("training:\n  epochs: 2  # \u00e9poques\n".encode("latin-1"))
+    assert error_of(path).startswith(f"{path}: file: is not UTF-8 text (byte 0xe9 at offset 25)")
 
 
 @pytest.mark.parametrize(

@@ -48,10 +48,11 @@ def test_invalid_fraction_is_a_value_error_on_every_rank() -> None:
         assert message.startswith("ValueError: grad_worker_fraction"), message
 
 
-def test_fraction_differing_between_ranks_fails_the_plan_check_on_every_rank() -> None:
+def test_fraction_differing_between_ranks_fails_the_option_check_on_every_rank() -> None:
     messages = run_multiproc(construct_with_fraction, 3, {1: 1 / 3}, timeout=60)
     for message in messages:
-        assert message.startswith("RuntimeError: rank 1 has a different K-FAC plan fingerprint"), message
+        assert message.startswith("RuntimeError: K-FAC options differ between ranks: grad_worker_fraction"), message
+        assert f"ranks 0, 2: 1.0, rank 1: {1 / 3!r}" in message, message
 
 
 def train_until_rank_1_dies(rank: int, world_size: int) -> None:

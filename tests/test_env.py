@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from kfac_dist.app.env import LaunchEnvError, RunEnv, cuda_device_index, detect_env, expand_hostlist, init_distributed
+from kfac_dist.app.env import (
+    LaunchEnvError,
+    RunEnv,
+    cuda_device_index,
+    detect_env,
+    expand_hostlist,
+    init_distributed,
+    slurm_port,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,8 +66,8 @@ def test_torchrun_wins_inside_srun() -> None:
 
 
 def test_srun_task() -> None:
-    # master: the step's first host; port: 15000 + SLURM_JOB_ID % 20000
-    assert detect_env(SRUN_TASK) == RunEnv("slurm", 1, 2, 1, 2, "localhost", 15001)
+    # master: the step's first host; port: 15000 + (SLURM_JOB_ID % 200) * 100 + SLURM_STEP_ID % 100
+    assert detect_env(SRUN_TASK) == RunEnv("slurm", 1, 2, 1, 2, "localhost", 15100)
 
 
 def test_srun_multi_node() -> None:
@@ -67,7 +75,7 @@ def test_srun_multi_node() -> None:
            "SLURM_STEP_NODELIST": "gpu-a[08,10]", "SLURM_PROCID": "5", "SLURM_NTASKS": "12",
            "SLURM_STEP_NUM_TASKS": "7", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
            "SLURM_STEP_TASKS_PER_NODE": "4,3"}  # fmt: skip
-    assert detect_env(env) == RunEnv("slurm", 5, 7, 1, 3, "gpu-a08", 15000 + 123456 % 20000)
+    assert detect_env(env) == RunEnv("slurm", 5, 7, 1, 3, "gpu-a08", 15000 + 56 * 100 + 3)
     without_step_list = {k: v for k, v in env.items() if k != "SLURM_STEP_NODELIST"}
     assert detect_env(without_step_list).master_addr == "gpu-a07"
     overridden = detect_env({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"})
@@ -78,7 +86,8 @@ def test_srun_multi_node() -> None:
 
 
 def test_sbatch_shell_is_a_single_process() -> None:
-    assert detect_env(SBATCH_SHELL) == RunEnv("single", 0, 1, 0, 1, "127.0.0.1", 15001)
+    # outside any step: the port of the batch script's step (Slurm's id 0xFFFFFFFB = 4294967291)
+    assert detect_env(SBATCH_SHELL) == RunEnv("single", 0, 1, 0, 1, "127.0.0.1", 15000 + 100 + 91)
     # newer Slurm: the batch/interactive/extern steps carry special ids
     for special in ("4294967291", "4294967290", "4294967292", "batch"):
         assert detect_env({**SBATCH_SHELL, "SLURM_STEP_ID": special}).launcher == "single"
@@ -106,7 +115,7 @@ def test_mpi_inside_a_slurm_step() -> None:
     # the proxy's one-task step (SLURM_PROCID=0 of 1) besides PMI_RANK 0/1 of 2; without the rule both were rank 0
     proxy_step = {**SRUN_TASK, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1",
                   "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_TASKS_PER_NODE": "1"}  # fmt: skip
-    assert detect_env({**proxy_step, **HYDRA}) == RunEnv("mpi", 1, 2, 1, 2, "127.0.0.1", 15001)
+    assert detect_env({**proxy_step, **HYDRA}) == RunEnv("mpi", 1, 2, 1, 2, "127.0.0.1", 15100)
     # mpirun inside sbatch starts its daemons with srun: the step describes 2 daemons, MPI the 8 ranks
     daemons = {**SRUN_TASK, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
     assert detect_env({**daemons, **OPEN_MPI, "MASTER_ADDR": "n01"}).launcher == "mpi"
@@ -114,6 +123,31 @@ def test_mpi_inside_a_slurm_step() -> None:
     # srun --mpi=pmi2 starts the ranks itself: PMI agrees with Slurm, and Slurm's richer view is used
     pmi = {**SRUN_TASK, "PMI_RANK": "1", "PMI_SIZE": "2"}
     assert detect_env(pmi).launcher == "slurm"
+
+
+def test_slurm_port_is_the_same_for_every_rank_of_a_step_and_differs_between_steps_and_jobs() -> None:
+    ranks = [{**SRUN_TASK, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)} for r in range(2)]
+    steps = [{**task, "SLURM_STEP_ID": str(step), "SLURM_STEPID": str(step)} for step in (0, 1) for task in ranks]
+    ports = [detect_env(env).master_port for env in steps]
+    assert ports[0] == ports[1] and ports[2] == ports[3] and ports[0] != ports[2], ports  # `srun & srun &`
+    # every step < 100 of any 200 consecutive jobs: one port each, all in [15000, 35000)
+    for first_job in (1, 123_456_789):
+        seen = {slurm_port(job, step) for job in range(first_job, first_job + 200) for step in range(100)}
+        assert len(seen) == 200 * 100 and min(seen) >= 15000 and max(seen) < 35000
+
+
+def test_slurm_lib_derives_the_same_port_as_the_application() -> None:
+    cases = [(1, 0), (4242, 1), (123456, 3), (999, 4294967291)]
+    script = 'source slurm/lib.sh; for case in "$@"; do kfac_step_port ${case%:*} ${case#*:}; done'
+    words = [f"{job}:{step}" for job, step in cases]
+    shell = subprocess.run(["bash", "-c", script, "-", *words], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert shell.returncode == 0, shell.stderr
+    assert [int(line) for line in shell.stdout.split()] == [slurm_port(job, step) for job, step in cases]
+    batch = subprocess.run(
+        ["bash", "-c", "source slurm/lib.sh; kfac_step_port"], cwd=ROOT, capture_output=True, text=True, timeout=30,
+        env={"PATH": os.environ["PATH"], "SLURM_JOB_ID": "1"},
+    )  # fmt: skip
+    assert int(batch.stdout) == detect_env(SBATCH_SHELL).master_port, batch.stderr  # outside a step: the batch's
 
 
 def test_single() -> None:
@@ -290,9 +324,10 @@ def test_real_torchrun(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_real_processes_with_srun_variables(tmp_path: Path) -> None:
-    # two plain processes shaped like `srun -n2` tasks; the port comes from SLURM_JOB_ID (15000 + id % 20000)
+    # two plain processes shaped like `srun -n2` tasks; the port comes from SLURM_JOB_ID and SLURM_STEP_ID
     port = _free_port(15000, 35000)
-    step = {"SLURM_JOB_ID": str(20000 + port - 15000), "SLURM_JOB_NODELIST": "localhost", "SLURM_STEP_ID": "0",
+    job, step_id = 200 + (port - 15000) // 100, (port - 15000) % 100
+    step = {"SLURM_JOB_ID": str(job), "SLURM_JOB_NODELIST": "localhost", "SLURM_STEP_ID": str(step_id),
             "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "2",
             "SLURM_NTASKS_PER_NODE": "2"}  # fmt: skip
     envs = [_clean_env(**step, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)) for r in range(2)]

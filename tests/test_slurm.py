@@ -13,7 +13,8 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,8 @@ JOB_TIMEOUT_S = 240
 #: The CPU test cluster's replacement for a template's resources: 2 tasks of 1 CPU on one node, no GPUs.
 CPU_TASKS = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-task=0", "--time=10"]
 TEMPLATES = sorted(SLURM.glob("*.sbatch"))
+#: The same for the torchrun template: one task (torchrun) of 2 CPUs starting 2 processes (NPROC_PER_NODE=2).
+TORCHRUN_TASKS = ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", "--gpus-per-node=0", "--time=10"]
 
 
 def _tools(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -123,9 +126,8 @@ def test_multi_node_template_runs_on_one_node(slurm_cluster: SlurmCluster, tmp_p
 
 def test_torchrun_per_node_template_runs(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    options = ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", "--gpus-per-node=0", "--time=10"]
     result, output = sbatch_wait(
-        slurm_cluster, "torchrun_per_node.sbatch", tmp_path, options,
+        slurm_cluster, "torchrun_per_node.sbatch", tmp_path, TORCHRUN_TASKS,
         ["training.epochs=1"], {"CONFIG": MNIST, "RUN_DIR": str(run_dir), "NPROC_PER_NODE": "2"},
     )  # fmt: skip
     context = _explain(result, output)
@@ -222,3 +224,67 @@ def test_templates_request_gpus_and_leave_account_to_the_user(template: Path) ->
     assert {"--nodes", "--cpus-per-task", "--time", "--output"} <= names, directives
     assert names & {"--gpus-per-task", "--gpus-per-node"}, directives  # one process per GPU
     assert not names & {"--account", "--partition"}, directives  # commented out (##SBATCH) until a user sets them
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.name)
+def test_templates_checkpoint_and_requeue_before_the_time_limit(template: Path) -> None:
+    directives = [line.split()[1] for line in template.read_text().splitlines() if line.startswith("#SBATCH ")]
+    assert {"--requeue", "--open-mode=append"} <= set(directives), directives
+    assert any(re.fullmatch(r"--signal=B:USR1@\d+", directive) for directive in directives), directives
+
+
+@pytest.mark.parametrize(
+    ("template", "options", "code"),
+    [
+        ("single_node.sbatch", CPU_TASKS, 75),  # srun's exit code is the ranks'
+        ("torchrun_per_node.sbatch", TORCHRUN_TASKS, 1),  # torchrun exits with 1 after a signal
+    ],
+)
+def test_time_limit_notice_checkpoints_requeues_and_resumes(
+    slurm_cluster: SlurmCluster, tmp_path: Path, template: str, options: list[str], code: int
+) -> None:
+    """What ``#SBATCH --signal=B:USR1@120`` does ahead of the time limit, sent by hand once training is under way
+    (scancel --signal=USR1 --batch): every rank checkpoints and stops, the batch script requeues the job, and the
+    requeued job resumes and finishes. Slurm delays a requeued job by about 2 minutes; the test starts it at once.
+    (Not ``sbatch --wait``: it may return when the job is requeued.)"""
+    run_dir = tmp_path / "run"
+    command = ["sbatch", "--parsable", f"--output={tmp_path}/job-%j.out", *options, str(SLURM / template)]
+    command += ["training.epochs=2", "training.log_every_steps=5"]
+    env = {"CONFIG": MNIST, "RUN_DIR": str(run_dir), "NPROC_PER_NODE": "2"}
+    submit = slurm_cluster.run(command, timeout=60, env=_tools(env))
+    assert submit.returncode == 0, _explain(submit)
+    job = submit.stdout.strip().split(";")[0]
+    output = tmp_path / f"job-{job}.out"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+
+    def text() -> str:
+        return output.read_text(errors="replace") if output.exists() else ""
+
+    def state() -> str:
+        return slurm_cluster.run(["scontrol", "show", "job", job], timeout=30).stdout
+
+    def wait_until(what: str, done: Callable[[], object]) -> None:
+        while not done():
+            assert time.monotonic() < deadline, f"waiting for {what}\n{state()}\n{text()[-4000:]}"
+            time.sleep(0.5)
+
+    finished = r"JobState=(COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY)"
+    try:
+        wait_until("rank 0's log line at step 5", lambda: " step 5/" in text())
+        notice = slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job], timeout=30)
+        assert notice.returncode == 0, _explain(notice)
+        wait_until("the job to be requeued", lambda: re.search(r"JobState=PENDING .*Restarts=1 ", state(), re.DOTALL))
+        start = slurm_cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30)
+        assert start.returncode == 0, _explain(start)
+        wait_until("the requeued job to end", lambda: re.search(finished, state()))
+        final = state()
+    finally:
+        slurm_cluster.run(["scancel", job], timeout=30)  # a no-op for a finished job
+    context = f"{final}\n--- job output ---\n{text()[-4000:]}"
+    assert "JobState=COMPLETED" in final and "ExitCode=0:0" in final, context
+    stopped = r"stopped by SIGUSR1 on 2 of 2 ranks after step \d+, checkpoint written; exit code 75"
+    assert re.search(stopped, text()), context
+    assert f"step ended with exit code {code} after the time-limit notice: requeueing job {job}" in text(), context
+    assert "resumed from" in text(), context  # lib.sh adds checkpoint.resume=auto to a requeued job
+    assert len(final_accuracy_lines(text())) == 1, context
+    assert [int(row["epoch"]) for row in read_metrics(run_dir / "metrics.csv")] == [1, 2], context

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kfac_dist import KFACPreconditioner
-from kfac_dist.app.config import Config
+from kfac_dist.app.config import Config, ConfigError
 from kfac_dist.app.config.schedules import kfac_hyperparameter
 from kfac_dist.app.data.loaders import Loaders, build_datasets, build_loaders
 from kfac_dist.app.env import RunEnv
@@ -81,7 +81,17 @@ def model_arguments(cfg: Config, num_classes: int | None) -> dict[str, Any]:
 
 
 def build_network(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
-    """The model, seeded identically on every rank."""
+    """The model, seeded identically on every rank.
+
+    Raises:
+        ConfigError: ``model.num_classes`` is smaller than the data set's number of classes.
+    """
+    if cfg.model.num_classes is not None and cfg.model.num_classes < num_classes:
+        raise ConfigError(
+            ("model", "num_classes"),
+            f"{cfg.model.num_classes} is smaller than the {num_classes} classes of data set {cfg.data.name!r}",
+            f"an integer >= {num_classes}, or null (the data set's)",
+        )
     torch.manual_seed(cfg.seed)
     return build_model(cfg.model.name, **model_arguments(cfg, num_classes)).to(device)
 

@@ -21,12 +21,19 @@ Master address: ``MASTER_ADDR`` when set (always wins). Otherwise Slurm uses the
 ``SLURM_STEP_NODELIST`` (task 0 runs there; else ``SLURM_JOB_NODELIST``), parsed here without ``scontrol``;
 every launcher uses ``127.0.0.1`` when all ranks are on this host (local size == world size); a multi-host
 torchrun/MPI run without ``MASTER_ADDR`` is an error.
-Master port: ``MASTER_PORT`` when set; else, inside a Slurm job, ``15000 + SLURM_JOB_ID % 20000`` (so two jobs
-sharing a node do not collide, and every rank computes the same port); else 29500 (torch's default).
+Master port: ``MASTER_PORT`` when set; else, inside a Slurm job, `slurm_port` of ``SLURM_JOB_ID`` and
+``SLURM_STEP_ID`` (every rank of a step computes the same port, and two steps of one job, ``srun ... & srun ... &``,
+or two jobs sharing a node get different ones; a process outside any srun step, e.g. started by an ``mpiexec`` in
+the batch script, counts as in the batch script's step, Slurm's id 0xFFFFFFFB); else 29500 (torch's default).
+
+Same run: `init_distributed` checks, right after joining, that every rank of the group belongs to the same run: it
+gathers each rank's `run_identity` (job id, step id, torchrun's run id, the config's fingerprint) and fails on
+every rank, naming the ranks that differ, when one came from another job step, launch or config.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -44,12 +51,17 @@ __all__ = [
     "detect_env",
     "expand_hostlist",
     "init_distributed",
+    "run_identity",
     "shutdown_distributed",
+    "slurm_port",
 ]
 
 BACKENDS = ("auto", "nccl", "gloo", "mpi")
 DEFAULT_PORT = 29500
+#: Ports of Slurm job steps: ``SLURM_PORT_BASE + (job % SLURM_PORT_JOBS) * SLURM_PORT_STEPS + step % SLURM_PORT_STEPS``.
+SLURM_PORT_BASE, SLURM_PORT_JOBS, SLURM_PORT_STEPS = 15000, 200, 100
 _SLURM_SPECIAL_STEP = 0xFFFFFFF0  # batch, extern, interactive, pending steps have ids above this
+_SLURM_BATCH_STEP = 0xFFFFFFFB  # the batch script's step: a process outside any srun step counts as in it
 
 
 _Found = tuple[str, int, int, int, int]  # launcher, rank, size, local rank, local size
@@ -213,8 +225,19 @@ def _port(environ: Mapping[str, str]) -> int:
             raise LaunchEnvError(f"MASTER_PORT={port} must be <= 65535")
         return port
     if environ.get("SLURM_JOB_ID"):
-        return 15000 + _int(environ, "SLURM_JOB_ID") % 20000
+        step = environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID", "")).strip()
+        return slurm_port(_int(environ, "SLURM_JOB_ID"), int(step) if step.isdigit() else _SLURM_BATCH_STEP)
     return DEFAULT_PORT
+
+
+def slurm_port(job_id: int, step_id: int) -> int:
+    """The rendezvous port of Slurm job step `step_id` of job `job_id` (slurm/lib.sh computes the same).
+
+    ``15000 + (job_id % 200) * 100 + step_id % 100``, in [15000, 35000): distinct for the first 100 steps of a job
+    and for any 200 consecutive job ids, so concurrent steps of one job, and jobs submitted close together that
+    share a node, never meet at one port; beyond that, ports repeat (set ``MASTER_PORT`` to choose one).
+    """
+    return SLURM_PORT_BASE + (job_id % SLURM_PORT_JOBS) * SLURM_PORT_STEPS + step_id % SLURM_PORT_STEPS
 
 
 def _tasks_on_node(name: str, spec: str, node: int) -> int:
@@ -293,21 +316,31 @@ def cuda_device_index(local_rank: int, local_world_size: int, device_count: int)
     )
 
 
-def init_distributed(env: RunEnv, backend: str = "auto", timeout_s: float = 1800.0, *, force: bool = False) -> str:
+def init_distributed(
+    env: RunEnv,
+    backend: str = "auto",
+    timeout_s: float = 1800.0,
+    *,
+    force: bool = False,
+    run_id: str | None = None,
+) -> str:
     """Select this rank's GPU and join the default process group; return the backend name.
 
     Args:
         env: From `detect_env`.
         backend: ``"auto"`` (nccl when CUDA is available, else gloo), ``"nccl"``, ``"gloo"`` or ``"mpi"``.
-        timeout_s: Collective and rendezvous timeout in seconds.
+        timeout_s: Collective and rendezvous timeout in seconds; K-FAC's own process groups take it from the
+            default group (:class:`kfac_dist.comm.TorchDistCommunicator`).
         force: Start a process group even with world size 1 (by default a single process starts none, and
             the library runs its world-size-1 path).
+        run_id: This rank's `run_identity`; when given, every rank's is gathered right after joining, and a
+            group whose ranks differ is left and refused.
 
     On CUDA, ``torch.cuda.set_device`` selects `cuda_device_index` first. Rendezvous is ``env.init_method``
     (``tcp://master:port``); the ``mpi`` backend takes rank and size from MPI itself.
 
     Raises:
-        LaunchEnvError: Unknown backend, nccl without CUDA, or too few GPUs.
+        LaunchEnvError: Unknown backend, nccl without CUDA, too few GPUs, or ranks of different runs (naming them).
         RuntimeError: A default process group already exists.
     """
     if backend not in BACKENDS:
@@ -342,7 +375,41 @@ def init_distributed(env: RunEnv, backend: str = "auto", timeout_s: float = 1800
             timeout=timeout,
             device_id=device if resolved == "nccl" else None,
         )
+    if run_id is not None:
+        _check_same_run(run_id)
     return resolved
+
+
+def run_identity(config: str, environ: Mapping[str, str] = os.environ) -> str:
+    """What every rank of one run shares: its Slurm job and step, torchrun's run id, and a hash of `config`.
+
+    Args:
+        config: The run's resolved config as text (e.g. ``format_config(cfg)``); only its hash is kept.
+        environ: The launcher's variables.
+    """
+    parts = []
+    if environ.get("SLURM_JOB_ID"):
+        step = environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID")) or "batch"
+        parts.append(f"slurm job {environ['SLURM_JOB_ID']} step {step}")
+    if environ.get("TORCHELASTIC_RUN_ID"):
+        parts.append(f"torchrun run {environ['TORCHELASTIC_RUN_ID']}")
+    parts.append(f"config {hashlib.sha256(config.encode()).hexdigest()[:16]}")
+    return ", ".join(parts)
+
+
+def _check_same_run(run_id: str) -> None:
+    """Gather every rank's `run_id`; leave the group and raise on every rank when any differs from rank 0's."""
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, run_id)
+    differ = [rank for rank, other in enumerate(gathered) if other != gathered[0]]
+    if differ:
+        shutdown_distributed()
+        ranks = f"rank {differ[0]} belongs" if len(differ) == 1 else f"ranks {', '.join(map(str, differ))} belong"
+        details = "; ".join(f"rank {rank}: {gathered[rank]}" for rank in [0, *differ[:3]])
+        raise LaunchEnvError(
+            f"{ranks} to another run than rank 0 ({details}): two launches met at "
+            "one rendezvous address (set MASTER_PORT per launch) or the ranks were given different configs"
+        )
 
 
 def shutdown_distributed() -> None:

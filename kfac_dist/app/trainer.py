@@ -22,6 +22,7 @@ from kfac_dist.app.checkpoint import (
     capture_rng_state,
     latest_checkpoint,
     load_checkpoint,
+    load_latest_usable,
     restore_rng_state,
     save_checkpoint,
 )
@@ -34,10 +35,13 @@ from kfac_dist.app.components import (
     resolve_device,
     wrap_model,
 )
-from kfac_dist.app.config import Config, config_fingerprint
+from kfac_dist.app.config import Config
 from kfac_dist.app.config.schedules import learning_rate
 from kfac_dist.app.env import RunEnv
 from kfac_dist.app.metrics import MetricsLogger
+from kfac_dist.app.nonfinite import NonFiniteGuard
+from kfac_dist.app.preemption import StopSignals
+from kfac_dist.app.resume import apply_hyperparameters, check_resumable, hyperparameters, identity
 from kfac_dist.app.run_report import HealthWatch, Progress, SpanTimer, startup_block
 from kfac_dist.comm import Communicator
 from kfac_dist.options import resolve
@@ -57,6 +61,8 @@ class RunResult:
     val_top5: float
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: Why the run stopped early with a checkpoint (e.g. "SIGTERM on 1 of 2 ranks"); None: it ran to its end.
+    stopped_by: str | None = None
 
 
 @dataclass
@@ -78,7 +84,7 @@ def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextMa
 class Trainer:
     """One run of a config on this rank (the process group, if any, is already started)."""
 
-    def __init__(self, cfg: Config, env: RunEnv) -> None:
+    def __init__(self, cfg: Config, env: RunEnv, stop: StopSignals | None = None) -> None:
         if cfg.training.amp == "fp16" and not torch.cuda.is_available():
             raise ValueError("training.amp: 'fp16' needs CUDA; allowed on the CPU: none, bf16")
         self.cfg, self.env = cfg, env
@@ -98,6 +104,7 @@ class Trainer:
             cfg, self.wrapped, self.comm, self.steps_per_epoch, lambda _step: self.lr, self.scaler
         )
         self.position = Position()
+        self.resume_changes: list[str] = []
         self.run_dir = Path(cfg.logging.dir)
         self.checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.is_main = env.rank == 0
@@ -111,13 +118,34 @@ class Trainer:
             bar=cfg.logging.progress_bar and sys.stderr.isatty(),
         )
         self.health = HealthWatch(env.rank, {})
+        self.stop = stop or StopSignals()  # not installed: never set
+        self.stopped_by: str | None = None
+        self._saved_step: int | None = None
+        self.nonfinite = NonFiniteGuard(
+            policy=cfg.training.nonfinite,
+            max_skips=cfg.training.nonfinite_max_skips,
+            comm=self.comm,
+            device=self.device,
+            watch_gradients=self.scaler is None,  # the scaler skips steps whose gradients overflow itself
+            kfac_count=lambda: self.pre.health()["nonfinite_gradient"] if self.pre is not None else 0,
+            last_checkpoint=lambda: latest_checkpoint(self.checkpoint_dir),
+            announce=self._announce,
+        )
+
+    def _announce(self, line: str) -> None:
+        if self.is_main:
+            print(line, flush=True)
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def _meta(self) -> dict[str, str]:
-        return {"model": self.cfg.model.name, "config_fingerprint": config_fingerprint(self.cfg)}
+        return identity(self.cfg)
 
     def save(self) -> None:
-        """Checkpoint (collective: K-FAC's state is gathered from its owners; rank 0 writes atomically)."""
+        """Checkpoint (collective: K-FAC's state is gathered from its owners; rank 0 writes atomically).
+
+        Only after clean steps and of a finite state: :class:`NonFiniteError` otherwise, on every rank.
+        """
+        self.nonfinite.check(self.position.global_step)
         state: dict[str, Any] = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -128,6 +156,7 @@ class Trainer:
             state["kfac"] = self.pre.state_dict(timeout=self.cfg.comm.timeout_s)  # ranks may arrive far apart
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        self.nonfinite.check_state(state, self.position.global_step)
         if self.is_main:
             save_checkpoint(
                 self.checkpoint_dir,
@@ -138,20 +167,34 @@ class Trainer:
                 meta=self._meta(),
             )
         self.comm.barrier()
+        self._saved_step = self.position.global_step
 
     def maybe_resume(self) -> Path | None:
-        """Load the checkpoint ``checkpoint.resume`` names ("auto": the newest, if any); return its path."""
+        """Load the checkpoint ``checkpoint.resume`` names ("auto": the newest, if any); return its path.
+
+        The checkpoint gives the state (weights, optimizer buffers, K-FAC factors, RNG, position), the config every
+        hyperparameter (:mod:`kfac_dist.app.resume`); a checkpoint of another model, data set or optimizer type is
+        refused with a :class:`ConfigError`. ``self.resume_changes`` lists the optimizer values the config changed.
+        """
         resume = self.cfg.checkpoint.resume
         if resume == "none":
             return None
-        path = latest_checkpoint(self.checkpoint_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            return None
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint.resume: no checkpoint file at {path}")
-        state = load_checkpoint(path, expected=self._meta())["state"]
+        if resume == "auto":  # the newest usable one: a damaged newest file is reported and passed over
+            found = load_latest_usable(self.checkpoint_dir, report=self._announce)
+            if found is None:
+                return None
+            path, payload = found
+        else:  # named explicitly: it must be usable
+            path = Path(resume)
+            if not path.is_file():
+                raise FileNotFoundError(f"checkpoint.resume: no checkpoint file at {path}")
+            payload = load_checkpoint(path)
+        state = payload["state"]
+        check_resumable(payload.get("meta", {}), state, self.cfg, path)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        configured = hyperparameters(self.optimizer)
+        self.optimizer.load_state_dict(state["optimizer"])  # restores the checkpoint's hyperparameters too...
+        self.resume_changes = apply_hyperparameters(self.optimizer, configured)  # ... so the config's go back
         if self.pre is not None and "kfac" in state:
             self.pre.load_state_dict(state["kfac"], timeout=self.cfg.comm.timeout_s)
         if self.scaler is not None and "scaler" in state:
@@ -172,8 +215,13 @@ class Trainer:
                 group = []
 
     def _train_step(self, group: list[tuple[torch.Tensor, torch.Tensor]], sums: torch.Tensor) -> None:
-        """One optimizer step; adds (loss sum, correct, examples) to ``sums``, on the device, without a host sync."""
+        """One optimizer step; adds (loss sum, correct, examples) to ``sums``, on the device.
+
+        No host sync, except with ``training.nonfinite=skip``, which checks the step before applying it and drops
+        a non-finite one (no update, nothing added to ``sums``).
+        """
         k = len(group)
+        step_sums = torch.zeros_like(sums)
         self.optimizer.zero_grad(set_to_none=True)
         for index, (x, y) in enumerate(group):
             no_sync = getattr(self.wrapped, "no_sync", None)
@@ -184,17 +232,26 @@ class Trainer:
                     loss = self.criterion(output, y)
                 scaled = loss / k
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            sums[0] += loss.detach() * y.numel()
-            sums[1] += (output.argmax(1) == y).sum()
-            sums[2] += y.numel()
+            step_sums[0] += loss.detach() * y.numel()
+            step_sums[1] += (output.argmax(1) == y).sum()
+            step_sums[2] += y.numel()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         self.sync.average(self.model)
         if self.pre is not None:
             with self.kfac_timer.span():
                 self.pre.step()
+        grad_norm = None
         if self.cfg.training.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.training.grad_clip)
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.training.grad_clip)
+        elif self.nonfinite.skipping:
+            grad_norm = nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        if not self.nonfinite.admit(step_sums[0], grad_norm, self.position.global_step + 1):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.update()  # ends the step its unscale_ began
+            return
+        sums += step_sums
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -243,16 +300,27 @@ class Trainer:
             print(block, flush=True)
         if resumed is not None and self.is_main:
             print(f"resumed from {resumed} at epoch {self.position.epoch}, step {self.position.global_step}")
+            if self.resume_changes:
+                print(f"the config's optimizer values replace the checkpoint's: {', '.join(self.resume_changes)}")
         self.health = HealthWatch(self.env.rank, self.pre.health() if self.pre is not None else {})  # after resume
+        self.nonfinite.rebase(self.position.global_step)
         start = time.perf_counter()
         history: list[dict[str, Any]] = []
         with MetricsLogger(
-            self.run_dir, csv_enabled=cfg.logging.csv, tensorboard=cfg.logging.tensorboard, enabled=self.is_main
+            self.run_dir,
+            csv_enabled=cfg.logging.csv,
+            tensorboard=cfg.logging.tensorboard,
+            enabled=self.is_main,
+            keep_through_step=self.position.global_step,  # rows of a rerun or of steps after the checkpoint go
         ) as metrics:
             while self.position.epoch < cfg.training.epochs and not self._max_steps_reached():
                 row = self._run_epoch()
+                if row is None:
+                    break  # stopped mid-epoch by a signal, checkpoint written
                 history.append(row)
                 metrics.log_epoch(row)
+                if self._unfinished() and self._stop_agreed():
+                    break
         last = history[-1] if history else {}
         nan = float("nan")
         return RunResult(
@@ -264,13 +332,30 @@ class Trainer:
             val_top5=last.get("val_top5", nan),
             seconds=time.perf_counter() - start,
             history=history,
+            stopped_by=self.stopped_by,
         )
 
     def _max_steps_reached(self) -> bool:
         return self.cfg.training.max_steps is not None and self.position.global_step >= self.cfg.training.max_steps
 
-    def _run_epoch(self) -> dict[str, Any]:
-        """The rest of the current epoch (up to ``training.max_steps``): train, validate, report, checkpoint."""
+    def _unfinished(self) -> bool:
+        return self.position.epoch < self.cfg.training.epochs and not self._max_steps_reached()
+
+    def _stop_agreed(self) -> bool:
+        """Collective, at a step boundary: if any rank got a stop signal, checkpoint here (once) and return True."""
+        reason = self.stop.agreed(self.comm, self.device)
+        if reason is None:
+            return False
+        self.stopped_by = reason
+        if self._saved_step != self.position.global_step:
+            self.save()
+        return True
+
+    def _run_epoch(self) -> dict[str, Any] | None:
+        """The rest of the current epoch (up to ``training.max_steps``): train, validate, report, checkpoint.
+
+        Returns the epoch's metrics row, or None when a stop signal ended the epoch early (after a checkpoint).
+        """
         epoch_start = time.perf_counter()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         first, kfac_seconds = self.position.step_in_epoch, 0.0
@@ -283,13 +368,20 @@ class Trainer:
             self._train_step(group, sums)
             self.position.step_in_epoch += 1
             self.position.global_step += 1
-            if self.position.global_step % self.cfg.training.log_every_steps == 0:
+            logged = self.position.global_step % self.cfg.training.log_every_steps == 0
+            if logged:
                 kfac_seconds += self._log_interval(sums)
-            if self._max_steps_reached():
-                break
+            if self._max_steps_reached() or self.position.step_in_epoch == self.steps_per_epoch:
+                break  # the epoch's end below validates, checkpoints and checks for a stop signal
+            if logged and self._stop_agreed():
+                self.progress.end_epoch()
+                return None
+            if self._step_checkpoint_due():
+                self.save()
         self.progress.end_epoch()
         self.comm.allreduce(sums, average=False, category="metrics").wait()
         train = run_report.host_values(sums)
+        self.nonfinite.check(self.position.global_step)
         kfac_seconds += self.kfac_timer.collect()
         self._check_health()
         val = self.validate()
@@ -307,7 +399,7 @@ class Trainer:
         if complete:
             self.position.epoch += 1
             self.position.step_in_epoch = 0
-        if not complete or self._max_steps_reached() or self._checkpoint_due():
+        if self._checkpoint_due() or self._step_checkpoint_due():
             self.save()
         return row
 
@@ -324,16 +416,24 @@ class Trainer:
             kfac_seconds=kfac_seconds if self.pre is not None else None,
         )
         self._check_health()
+        self.nonfinite.check(self.position.global_step)  # training.nonfinite=stop: rides on this interval's read
         return kfac_seconds
 
     def _check_health(self) -> None:
         if self.pre is not None:
             self.health.check(self.pre.health(), self.position.global_step)
 
+    def _step_checkpoint_due(self) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        return every is not None and self.position.global_step % every == 0
+
     def _checkpoint_due(self) -> bool:
+        """Whether an epoch's end (or the ``training.max_steps`` stop) saves; never with ``every_epochs`` null."""
         every = self.cfg.checkpoint.every_epochs
-        last = self.position.epoch == self.cfg.training.epochs
-        return last or (every is not None and self.position.epoch % every == 0)
+        if every is None:
+            return False
+        ended = self.position.epoch == self.cfg.training.epochs or self._max_steps_reached()
+        return ended or self.position.epoch % every == 0
 
     def _epoch_row(
         self, train: list[float], val: tuple[float, ...], seconds: float, steps: int, kfac_seconds: float

@@ -9,7 +9,7 @@ mpi4py initialises MPI, and neither package is a requirement.
 from typing import TYPE_CHECKING, Any
 
 from kfac_dist.comm.accounting import collective_bytes
-from kfac_dist.comm.base import Communicator, CompletedHandle, Handle, RendezvousTimeout
+from kfac_dist.comm.base import CollectiveError, Communicator, CompletedHandle, Handle, RendezvousTimeout
 from kfac_dist.comm.fusion import FusionPlan, FusionStep
 from kfac_dist.comm.layout import (
     Bucket,
@@ -43,6 +43,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Bucket",
+    "CollectiveError",
     "CollectiveOp",
     "Communicator",
     "CompletedHandle",

@@ -14,6 +14,11 @@ in (for `allgather`: of each rank's tensor).
 
 `create_groups`, `check_same`, `barrier` and `rendezvous` are control operations and are not counted.
 
+Failures: an operation whose backend raises (a peer stopped, hung or died and the backend's timeout passed, or a
+connection closed) raises `CollectiveError`, naming the operation, its category, the group and this rank, with
+the backend's message. torch's backends do not say which peer was missing: the message names the group's other
+ranks (for a group of two, the one other rank).
+
 Devices: a communicator says which devices its tensors may live on (`devices`; e.g. NCCL: the current CUDA
 device only). Every tensor handed to an operation is checked against it first, so a tensor on the wrong device
 fails at once with a `ValueError` naming the operation, its category and both devices, instead of a hang or an
@@ -24,11 +29,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import torch
 
 from kfac_dist.comm.accounting import collective_bytes
 from kfac_dist.comm.layout import Group, canonical_group
+
+_T = TypeVar("_T")
 
 
 class Handle(ABC):
@@ -84,8 +92,8 @@ class RendezvousTimeout(RuntimeError):
         detail: the message without the name of the call, e.g. ``"rank 1 did not call it within 60 s"``.
     """
 
-    def __init__(self, what: str, missing: Sequence[int], timeout: float) -> None:
-        """Describe the failed rendezvous `what`."""
+    def __init__(self, what: str, missing: Sequence[int], timeout: float, *, detail: str | None = None) -> None:
+        """Describe the failed rendezvous `what`; `detail` replaces the default one (naming `missing`)."""
         self.what = what
         self.missing = list(missing)
         self.timeout = timeout
@@ -95,8 +103,51 @@ class RendezvousTimeout(RuntimeError):
             late = f"ranks {', '.join(map(str, self.missing))} did not call it"
         else:
             late = "not every rank called it"
-        self.detail = f"{late} within {timeout:g} s"
+        self.detail = detail if detail is not None else f"{late} within {timeout:g} s"
         super().__init__(f"{what}: {self.detail}")
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed on this rank: the backend raised (timeout, closed connection, aborted group).
+
+    Attributes:
+        operation: what failed, e.g. ``"broadcast(category='decomposition_broadcast') over ranks (0, 1)"``.
+        rank: this rank.
+    """
+
+    def __init__(self, operation: str, rank: int, group: Sequence[int], cause: BaseException) -> None:
+        """Describe `operation` of `group` that failed on `rank` with `cause` (the backend's error)."""
+        self.operation = operation
+        self.rank = rank
+        others = [r for r in group if r != rank]
+        if len(others) == 1:
+            peers = f"rank {others[0]} did not take part"
+        else:
+            peers = f"one of ranks {', '.join(map(str, others))} did not take part"
+        backend = " ".join(str(cause).split())[:500]  # torch's messages span lines
+        super().__init__(
+            f"{operation} failed on rank {rank}: {type(cause).__name__}: {backend}. After a timeout or a closed "
+            f"connection: {peers} in time (stopped, hung or died)"
+        )
+
+
+class _NamedHandle(Handle):
+    """Turns a backend error in `wait` into a `CollectiveError` naming the operation."""
+
+    def __init__(self, inner: Handle, operation: str, rank: int, group: Sequence[int]) -> None:
+        self._inner = inner
+        self._operation = operation
+        self._rank = rank
+        self._group = group
+
+    def wait(self) -> None:
+        try:
+            self._inner.wait()
+        except RuntimeError as error:
+            raise CollectiveError(self._operation, self._rank, self._group, error) from error
+
+    def is_completed(self) -> bool:
+        return self._inner.is_completed()
 
 
 class Communicator(ABC):
@@ -176,7 +227,8 @@ class Communicator(ABC):
         self._record(category, *collective_bytes("allreduce", _nbytes(tensor), key, self._rank))
         if len(key) == 1:
             return CompletedHandle()
-        return self._averaged(self._allreduce(tensor, key), tensor, len(key) if average else 1)
+        handle = self._run("allreduce", category, key, lambda: self._allreduce(tensor, key))
+        return self._averaged(handle, tensor, len(key) if average else 1)
 
     def reduce(
         self,
@@ -196,7 +248,8 @@ class Communicator(ABC):
         if len(key) == 1:
             return CompletedHandle()
         divisor = len(key) if average and self._rank == dst else 1
-        return self._averaged(self._reduce(tensor, dst, key), tensor, divisor)
+        handle = self._run("reduce", category, key, lambda: self._reduce(tensor, dst, key))
+        return self._averaged(handle, tensor, divisor)
 
     def broadcast(self, tensor: torch.Tensor, src: int, group: Sequence[int] | None = None, *, category: str) -> Handle:
         """Copy `tensor` from rank `src` (a global rank) to every other member of `group`."""
@@ -204,7 +257,7 @@ class Communicator(ABC):
         self._record(category, *collective_bytes("broadcast", _nbytes(tensor), key, self._rank, src))
         if len(key) == 1:
             return CompletedHandle()
-        return self._broadcast(tensor, src, key)
+        return self._run("broadcast", category, key, lambda: self._broadcast(tensor, src, key))
 
     def allgather(
         self, tensor: torch.Tensor, group: Sequence[int] | None = None, *, category: str
@@ -219,7 +272,7 @@ class Communicator(ABC):
         if len(key) == 1:
             return CompletedHandle(), tensor.unsqueeze(0).clone()
         out = tensor.new_empty((len(key), *tensor.shape))
-        return self._allgather(tensor, out, key), out
+        return self._run("allgather", category, key, lambda: self._allgather(tensor, out, key)), out
 
     def check_same(self, obj_digest: str, what: str) -> None:
         """Check that every rank passed the same `obj_digest` (collective over the whole world).
@@ -227,7 +280,7 @@ class Communicator(ABC):
         Raises `RuntimeError` on every rank if any rank's digest differs from rank 0's, naming those ranks,
         e.g. ``rank 2 has a different plan fingerprint than rank 0: 'ab12' != 'cd34'``.
         """
-        digests = self._gather_strings(obj_digest)
+        digests = self._blocking(f"check_same({what})", lambda: self._gather_strings(obj_digest))
         bad = [r for r, d in enumerate(digests) if d != digests[0]]
         if len(bad) == 1:
             raise RuntimeError(
@@ -239,11 +292,11 @@ class Communicator(ABC):
 
     def gather_strings(self, value: str) -> list[str]:
         """Gather one string from every rank (collective over the whole world, blocking), indexed by rank."""
-        return self._gather_strings(value)
+        return self._blocking("gather_strings", lambda: self._gather_strings(value))
 
     def barrier(self) -> None:
         """Block until every rank reached this call."""
-        self._barrier()
+        self._blocking("barrier", self._barrier)
 
     def rendezvous(self, what: str, timeout: float) -> None:
         """Check, without a collective, that every rank makes this call `what` within `timeout` seconds.
@@ -290,6 +343,23 @@ class Communicator(ABC):
         if not tensor.is_contiguous():
             raise ValueError("collectives need a contiguous tensor")
         return key
+
+    def _run(self, op: str, category: str, group: Group, start: Callable[[], Handle]) -> Handle:
+        """Start an operation; its backend errors (at the start or in `wait`) become `CollectiveError`."""
+        operation = f"{op}(category={category!r}) over ranks {group}"
+        try:
+            handle = start()
+        except RuntimeError as error:
+            raise CollectiveError(operation, self._rank, group, error) from error
+        return _NamedHandle(handle, operation, self._rank, group)
+
+    def _blocking(self, operation: str, call: Callable[[], _T]) -> _T:
+        """Run a blocking operation over the world; its backend errors become `CollectiveError`."""
+        try:
+            return call()
+        except RuntimeError as error:
+            operation = f"{operation} over all {self._world_size} ranks"
+            raise CollectiveError(operation, self._rank, self.world, error) from error
 
     def _check_device(self, op: str, category: str, device: torch.device) -> None:
         if self._devices is None:

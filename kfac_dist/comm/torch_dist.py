@@ -7,12 +7,18 @@ the current device: call ``torch.cuda.set_device`` for the local rank before con
 clear error. On NCCL, `Handle.wait` does not block the host: it orders the result on the current CUDA stream,
 and the division of an averaged reduction is queued there too.
 
+Timeout: K-FAC's own process groups get the default group's timeout (the ``timeout`` given to
+``init_process_group``), unless the constructor is given another one; torch would give them its own default
+(30 minutes for gloo) otherwise. A collective that a rank never joins (it stopped, hung or died) then fails
+on the others after that long, with a `CollectiveError` naming the operation, its category and group.
+
 `rendezvous` runs through the default group's key-value store (:mod:`kfac_dist.comm.rendezvous`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -47,9 +53,11 @@ class TorchDistCommunicator(Communicator):
     Args:
         devices: the devices tensors may live on (see `Communicator`); default: those the default group's
             backends serve (:func:`backend_devices`).
+        timeout: seconds after which a collective of K-FAC's groups that some member never joins fails;
+            default: the default group's timeout (:func:`default_group_timeout`).
     """
 
-    def __init__(self, *, devices: Iterable[torch.device | str] | None = None) -> None:
+    def __init__(self, *, devices: Iterable[torch.device | str] | None = None, timeout: float | None = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("TorchDistCommunicator needs torch.distributed.init_process_group() to be called first")
         super().__init__(
@@ -58,9 +66,13 @@ class TorchDistCommunicator(Communicator):
             devices=backend_devices() if devices is None else devices,
             name=str(dist.get_backend()),
         )
+        #: The timeout of K-FAC's process groups.
+        self.timeout = default_group_timeout() if timeout is None else _timedelta(timeout)
         # A group of K-FAC's own for the whole world: its collectives never interleave with the user's (DDP's
         # gradient allreduce runs on the default group while K-FAC reduces factors from backward hooks).
-        world = dist.new_group(ranks=list(self.world)) if self.world_size > 1 else dist.group.WORLD
+        world = (
+            dist.new_group(ranks=list(self.world), timeout=self.timeout) if self.world_size > 1 else dist.group.WORLD
+        )
         assert world is not None
         self._groups: dict[Group, Any] = {self.world: world}
         # Keys under the name of K-FAC's world group: the same on every rank, unique per communicator. A group
@@ -73,7 +85,7 @@ class TorchDistCommunicator(Communicator):
         )
 
     def _new_group(self, group: Group) -> None:
-        self._groups[group] = dist.new_group(ranks=list(group))
+        self._groups[group] = dist.new_group(ranks=list(group), timeout=self.timeout)
 
     def _allreduce(self, tensor: torch.Tensor, group: Group) -> Handle:
         work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._groups[group], async_op=True)
@@ -103,6 +115,36 @@ class TorchDistCommunicator(Communicator):
     def _rendezvous(self, what: str, timeout: float) -> None:
         if self._store_rendezvous is not None:
             self._store_rendezvous.arrive(what, timeout)
+
+
+def _timedelta(seconds: float) -> timedelta:
+    try:
+        if seconds > 0:
+            return timedelta(seconds=seconds)
+    except (OverflowError, TypeError, ValueError):
+        pass
+    raise ValueError(f"timeout must be a positive number of seconds (at most about 2.7 million years); got {seconds!r}")
+
+
+def default_group_timeout() -> timedelta:
+    """The timeout of the default process group: its gloo or NCCL backend's, else its store's.
+
+    torch keeps it in private attributes only; where neither is readable, torch's default for the backend.
+    """
+    group = distributed_c10d._get_default_group()
+    for device in ("cpu", "cuda"):
+        try:
+            options = group._get_backend(torch.device(device)).options
+        except (RuntimeError, AttributeError, ValueError):  # no backend for this device type, or no options
+            continue
+        timeout = getattr(options, "_timeout", None)
+        if isinstance(timeout, timedelta):
+            return timeout
+    store = distributed_c10d._get_default_store()
+    timeout = getattr(store, "timeout", None)
+    if isinstance(timeout, timedelta):
+        return timeout
+    return distributed_c10d._get_default_timeout(dist.get_backend())
 
 
 def backend_devices() -> tuple[torch.device, ...] | None:

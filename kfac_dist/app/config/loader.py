@@ -185,7 +185,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
 
     Args:
         path: A YAML file; None for the built-in defaults (the content of configs/mnist_cnn.yaml). Keys it leaves
-            out take their defaults.
+            out take their defaults; an empty file is an error (``{}`` asks for the defaults).
         overrides: ``key.path=value`` strings applied in order; each value is read as YAML (``kfac.damping=0.5``,
             ``kfac.kl_clip=null``, ``kfac.skip_layers=[fc]``, ``kfac.damping_schedule={milestones: [5], values:
             [0.1]}``); a mapping value sets only the keys it names.
@@ -194,8 +194,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         The validated config.
 
     Raises:
-        ConfigError: For an unreadable file, bad YAML, a Python tag, an unknown key, a wrong type, an out-of-range
-            value or inconsistent values; the message names the file or override, the key path and what is allowed.
+        ConfigError: For an unreadable, non-UTF-8 or empty file, bad YAML, a Python tag, an unknown key, a wrong
+            type, an out-of-range value or inconsistent values; the message names the file or override, the key path
+            and what is allowed.
     """
     source = DEFAULTS_SOURCE if path is None else str(path)
     raw: object = {}
@@ -204,9 +205,14 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
             text = Path(path).read_text(encoding="utf-8")
         except OSError as error:
             raise ConfigError(("file",), f"cannot be read ({error.strerror or error})", "", source=source) from None
+        except UnicodeDecodeError as error:
+            problem = f"is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start})"
+            raise ConfigError(("file",), problem, "a YAML file in UTF-8", source=source) from None
         raw = _parse_yaml(text, source)
-        if raw is None:
-            raw = {}
+        if raw is None:  # an empty file (or only comments) is almost always a mistake, not a wish for the defaults
+            raise ConfigError(
+                ("file",), "is empty", "a mapping of sections; {} for the built-in defaults", source=source
+            )
     if not isinstance(raw, dict):
         raise ConfigError((), f"expected a mapping of sections, got {type(raw).__name__}", "", source=source)
     sources = _Sources(source)

@@ -24,6 +24,8 @@ __all__ = [
     "INV_DTYPES",
     "LR_SCALINGS",
     "LR_SCHEDULES",
+    "NONFINITE_POLICIES",
+    "MAX_TIMEOUT_S",
     "OPTIMIZER_NAMES",
     "SCHEDULED_KFAC_OPTIONS",
     "WIDTH_MODELS",
@@ -48,9 +50,13 @@ LR_SCALINGS = ("none", "linear_world_size", "linear_batch_256")
 LR_SCHEDULES = ("step", "cosine")
 BACKENDS = ("auto", "nccl", "gloo", "mpi", "horovod")
 AMP_MODES = ("none", "bf16", "fp16")
+#: ``training.nonfinite``: what a non-finite loss or gradient does (see :mod:`kfac_dist.app.nonfinite`).
+NONFINITE_POLICIES = ("stop", "skip")
 DEVICES = ("auto", "cpu", "cuda")
 INV_DTYPES = ("float32", "float64")
 FACTOR_DTYPES = ("float16", "bfloat16", "float32", "float64")
+#: Longest ``comm.timeout_s``: a week (longer is a hang, and 1e300 s is beyond what ``datetime.timedelta`` holds).
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 #: K-FAC options that may follow a milestone schedule (``<name>_schedule``).
 SCHEDULED_KFAC_OPTIONS = ("damping", "factor_update_steps", "inv_update_steps")
 
@@ -282,11 +288,12 @@ class CommConfig(Section):
 
     Attributes:
         backend: ``auto`` (NCCL with CUDA, else gloo), ``nccl``, ``gloo``, ``mpi`` or ``horovod``.
-        timeout_s: Timeout of a collective, in seconds (a hung rank fails the run after this long).
+        timeout_s: Timeout of a collective, in seconds (a hung rank fails the run after this long): at least 1 s
+            (shorter fails healthy runs), at most a week (:data:`MAX_TIMEOUT_S`).
     """
 
     backend: str = option("auto", choices=BACKENDS)
-    timeout_s: float = option(1800.0, low=0, low_open=True)
+    timeout_s: float = option(1800.0, low=1, high=MAX_TIMEOUT_S, high_open=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -303,6 +310,9 @@ class TrainingConfig(Section):
         log_every_steps: Rank 0 prints a line (loss, lr, step time, K-FAC share, ETA) every this many optimizer steps;
             the metrics are read from the device only then, and numerical fallbacks are reported then.
         grad_clip: Largest global norm of the gradient the optimizer applies (after K-FAC); null: no clipping.
+        nonfinite: A NaN/Inf loss or gradient: ``stop`` the run at the next logging interval (no per-step sync), or
+            ``skip`` that step's update (each step is checked before it is applied: one host sync per step).
+        nonfinite_max_skips: With ``skip``: the most non-finite steps in a row skipped; one more stops the run.
     """
 
     epochs: int = option(5, low=1)
@@ -312,6 +322,8 @@ class TrainingConfig(Section):
     device: str = option("auto", choices=DEVICES)
     log_every_steps: int = option(20, low=1)
     grad_clip: float | None = option(None, low=0, low_open=True)
+    nonfinite: str = option("stop", choices=NONFINITE_POLICIES)
+    nonfinite_max_skips: int = option(10, low=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -320,13 +332,16 @@ class CheckpointConfig(Section):
 
     Attributes:
         dir: Checkpoint directory; null: ``<logging.dir>/checkpoints``.
-        every_epochs: Save every this many epochs (and after the last); null: never save.
+        every_epochs: Save every this many epochs, after the last and at a ``training.max_steps`` stop; null: never
+            at an epoch's end (not even the last).
+        every_steps: Also save every this many optimizer steps (counted over the whole run), mid-epoch too; null: off.
         resume: ``auto`` (the latest checkpoint in ``dir``, if any), ``none`` (start fresh), or a checkpoint path.
         keep: How many of the latest checkpoints to keep.
     """
 
     dir: str | None = None
     every_epochs: int | None = option(1, low=1)
+    every_steps: int | None = option(None, low=1)
     resume: str = "none"
     keep: int = option(2, low=1)
 

@@ -141,13 +141,14 @@ class ImageFolderDataset(Dataset[tuple[Any, int]]):
         """Decode sample ``index`` as an RGB Pillow image.
 
         Raises:
-            OSError: If the file cannot be read or decoded; the message names it.
+            OSError: If the file cannot be read or decoded (unreadable, truncated, corrupt, a decompression bomb);
+                the message names it.
         """
         path = self.path(index)
         try:
             with Image.open(path) as image:
                 return image.convert("RGB")
-        except OSError as error:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # Pillow raises all of these
             raise OSError(f"cannot decode image {path}: {error}") from error
 
     def __getitem__(self, key: SampleKey | SupportsIndex) -> tuple[Any, int]:
