@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,10 @@ def _wait_all(processes: list[subprocess.Popen[str]]) -> list[int]:
                 process.kill()
 
 
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     payload = load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])
     assert (payload["epoch"], payload["step"]) == (2, TOTAL_STEPS)
@@ -76,8 +81,10 @@ def _stopped_step(run_dir: Path) -> int:
     return int(step)
 
 
-def _resume_and_compare(run_dir: Path, reference: dict[str, torch.Tensor], launcher: str, step: int) -> None:
-    args = [f"logging.dir={run_dir}", *COMMON, "checkpoint.resume=auto"]
+def _resume_and_compare(
+    run_dir: Path, reference: dict[str, torch.Tensor], launcher: str, step: int, extra: Sequence[str] = ()
+) -> None:
+    args = [f"logging.dir={run_dir}", *COMMON, *extra, "checkpoint.resume=auto"]
     if launcher == "torchrun":
         result = run_torchrun(args, timeout=TIMEOUT_S)
         assert result.returncode == 0, explain(result)
@@ -101,21 +108,31 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tenso
     return _final_weights(run_dir)
 
 
-def test_sigterm_to_one_rank_checkpoints_every_rank_and_the_rerun_continues_exactly(
-    tmp_path: Path, reference: dict[str, torch.Tensor]
+@pytest.mark.parametrize(
+    ("name", "targets", "extra"),
+    [
+        ("SIGTERM", "rank 1", []),  # the signal reaches one rank only
+        ("SIGUSR1", "every process", ["data.workers=1"]),  # as Slurm signals a step: data-loader workers too
+    ],
+)
+def test_a_stop_signal_checkpoints_every_rank_and_the_rerun_continues_exactly(
+    tmp_path: Path, reference: dict[str, torch.Tensor], name: str, targets: str, extra: list[str]
 ) -> None:
-    """srun-shaped ranks (one process each); the signal reaches rank 1 only."""
+    """srun-shaped ranks (one process each, as ``srun`` starts them)."""
     run_dir = tmp_path / "run"
-    processes = start_slurm_shaped([f"logging.dir={run_dir}", *COMMON], log_dir=tmp_path)
+    processes = start_slurm_shaped([f"logging.dir={run_dir}", *COMMON, *extra], log_dir=tmp_path)
     _wait_for(tmp_path / "rank0.out", " step 5/", processes)
-    processes[1].send_signal(signal.SIGTERM)
+    ranks = [processes[1].pid] if targets == "rank 1" else [process.pid for process in processes]
+    for pid in [*ranks, *[child for rank in ranks for child in _children(rank)]]:
+        os.kill(pid, getattr(signal, name))
     codes = _wait_all(processes)
     logs = {name: (tmp_path / name).read_text()[-2000:] for name in ("rank0.out", "rank0.err", "rank1.err")}
     assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], logs
     step = _stopped_step(run_dir)
-    assert f"stopped by SIGTERM on 1 of 2 ranks after step {step}, checkpoint written" in logs["rank0.err"], logs
+    count = len(ranks)
+    assert f"stopped by {name} on {count} of 2 ranks after step {step}, checkpoint written" in logs["rank0.err"], logs
     assert "final test accuracy" not in logs["rank0.out"], logs
-    _resume_and_compare(run_dir, reference, "slurm", step)
+    _resume_and_compare(run_dir, reference, "slurm", step, extra)
 
 
 @pytest.mark.parametrize("targets", ["agent", "every process"])
@@ -131,9 +148,9 @@ def test_sigterm_to_torchrun_stops_its_workers_with_a_checkpoint(
     agent = start_torchrun([f"logging.dir={run_dir}", *COMMON], tmp_path)
     try:
         _wait_for(tmp_path / "torchrun.out", " step 5/", [agent])
-        workers = [int(pid) for pid in Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()]
-        assert len(workers) == 2, workers
-        for pid in [agent.pid, *(workers if targets == "every process" else [])]:
+        ranks = _children(agent.pid)
+        assert len(ranks) == 2, ranks
+        for pid in [agent.pid, *ranks] if targets == "every process" else [agent.pid]:
             os.kill(pid, signal.SIGTERM)
         code = agent.wait(timeout=TIMEOUT_S)
     finally:
@@ -143,7 +160,7 @@ def test_sigterm_to_torchrun_stops_its_workers_with_a_checkpoint(
     assert code == 1, err[-3000:]
     step = _stopped_step(run_dir)
     assert f"stopped by SIGTERM on 2 of 2 ranks after step {step}, checkpoint written" in err, err[-3000:]
-    assert "SIGKILL" not in err, err[-3000:]  # the workers ended by themselves, before torchrun's shutdown timeout
+    assert "Unable to shutdown process" not in err, err[-3000:]  # the workers ended before torchrun's SIGKILL
     _resume_and_compare(run_dir, reference, "torchrun", step)
 
 

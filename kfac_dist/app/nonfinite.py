@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
+from kfac_dist.app import run_report
 from kfac_dist.app.checkpoint import first_nonfinite
 from kfac_dist.app.config.schema import NONFINITE_POLICIES
-from kfac_dist.app import run_report
 from kfac_dist.comm import Communicator
 
 __all__ = ["NonFiniteError", "NonFiniteGuard"]

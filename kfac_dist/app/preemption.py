@@ -21,14 +21,15 @@ from typing import Any
 
 import torch
 
+from kfac_dist.app import run_report
 from kfac_dist.comm import Communicator
 
 __all__ = ["EXIT_PREEMPTED", "STOP_SIGNALS", "StopSignals"]
 
 EXIT_PREEMPTED = 75
-#: The signals that request a checkpoint and a stop: Slurm's time-limit and preemption signal, and the usual early
-#: warning (``sbatch --signal=USR1@120``; torchrun forwards SIGTERM to its workers, SIGUSR1 with
-#: ``--signals-to-handle``).
+#: The signals that request a checkpoint and a stop: Slurm's time-limit, preemption and scancel signal, and the notice
+#: the sbatch templates ask for before the time limit (``--signal=B:USR1@120``, passed on by slurm/lib.sh through srun).
+#: torchrun forwards SIGTERM to its workers, and SIGUSR1 when told to (``--signals-to-handle``, as slurm/lib.sh does).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -76,8 +77,7 @@ class StopSignals:
         comm.allreduce(counts, average=False, category="metrics").wait()
         found = [
             f"{signal.Signals(n).name} on {int(c)} of {comm.world_size} ranks"
-            for n, c in zip(STOP_SIGNALS, counts.tolist(), strict=True)
+            for n, c in zip(STOP_SIGNALS, run_report.host_values(counts), strict=True)
             if c > 0
         ]
         return ", ".join(found) or None
-

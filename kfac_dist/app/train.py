@@ -16,6 +16,7 @@ from pathlib import Path
 from kfac_dist.app.config import Config, ConfigError, format_config, load_config
 from kfac_dist.app.env import LaunchEnvError, detect_env, init_distributed, run_identity, shutdown_distributed
 from kfac_dist.app.preemption import EXIT_PREEMPTED, StopSignals
+from kfac_dist.comm import CollectiveError, RendezvousTimeout
 
 __all__ = ["add_arguments", "main", "parse_arguments", "run"]
 
@@ -107,7 +108,8 @@ def _run(args: argparse.Namespace, stop: StopSignals) -> int:
     except ConfigError as error:  # found once the data is loaded (model.num_classes) or at checkpoint.resume
         print(f"kfac-dist train: error (rank {env.rank}): {error}", file=sys.stderr)
         return 2
-    except (OSError, ValueError) as error:  # files, data, a full disk, ...: one line
+    except (OSError, ValueError, CollectiveError, RendezvousTimeout) as error:  # files, data, a full disk, a peer
+        # that stopped answering (comm.timeout_s), ...: one line
         print(f"kfac-dist train: error (rank {env.rank}): {_one_line(error)}", file=sys.stderr)
         return 1
     finally:
