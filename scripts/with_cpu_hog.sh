@@ -4,7 +4,7 @@
 #   bash scripts/with_cpu_hog.sh [-n N] COMMAND [ARGS...]
 set -euo pipefail
 
-HOGS="$(nproc)"
+HOGS="$(getconf _NPROCESSORS_ONLN)"  # not nproc: it honours OMP_NUM_THREADS
 if [ "${1:-}" = "-n" ]; then
     HOGS="${2:?with_cpu_hog: -n needs a number}"
     shift 2

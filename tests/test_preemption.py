@@ -113,6 +113,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tenso
     [
         ("SIGTERM", "rank 1", []),  # the signal reaches one rank only
         ("SIGUSR1", "every process", ["data.workers=1"]),  # as Slurm signals a step: data-loader workers too
+        # Slurm's time limit, preemption or scancel: the workers ignore it (each has delivered a batch by step 5, so
+        # each has run its worker_init_fn) and their rank checkpoints and exits 75.
+        ("SIGTERM", "every process", ["data.workers=2"]),
     ],
 )
 def test_a_stop_signal_checkpoints_every_rank_and_the_rerun_continues_exactly(
@@ -135,22 +138,24 @@ def test_a_stop_signal_checkpoints_every_rank_and_the_rerun_continues_exactly(
     _resume_and_compare(run_dir, reference, "slurm", step, extra)
 
 
-@pytest.mark.parametrize("targets", ["agent", "every process"])
+@pytest.mark.parametrize(("targets", "extra"), [("agent", []), ("every process", ["data.workers=2"])])
 def test_sigterm_to_torchrun_stops_its_workers_with_a_checkpoint(
-    tmp_path: Path, reference: dict[str, torch.Tensor], targets: str
+    tmp_path: Path, reference: dict[str, torch.Tensor], targets: str, extra: list[str]
 ) -> None:
-    """torchrun forwards SIGTERM to its workers ("agent"); Slurm signals every process of a step ("every process").
+    """torchrun forwards SIGTERM to its workers ("agent"); Slurm signals every process of a step ("every process"),
+    data-loader workers too, which then get a second SIGTERM from torchrun (sent to each rank's process group).
 
     torchrun itself exits with 1 (an uncaught SignalException) whatever its workers returned: the sbatch templates
     decide on requeueing from the signal the batch shell got, not from this code.
     """
     run_dir = tmp_path / "run"
-    agent = start_torchrun([f"logging.dir={run_dir}", *COMMON], tmp_path)
+    agent = start_torchrun([f"logging.dir={run_dir}", *COMMON, *extra], tmp_path)
     try:
         _wait_for(tmp_path / "torchrun.out", " step 5/", [agent])
         ranks = _children(agent.pid)
         assert len(ranks) == 2, ranks
-        for pid in [agent.pid, *ranks] if targets == "every process" else [agent.pid]:
+        loaders = [child for rank in ranks for child in _children(rank)]
+        for pid in [agent.pid, *ranks, *loaders] if targets == "every process" else [agent.pid]:
             os.kill(pid, signal.SIGTERM)
         code = agent.wait(timeout=TIMEOUT_S)
     finally:
@@ -161,7 +166,7 @@ def test_sigterm_to_torchrun_stops_its_workers_with_a_checkpoint(
     step = _stopped_step(run_dir)
     assert f"stopped by SIGTERM on 2 of 2 ranks after step {step}, checkpoint written" in err, err[-3000:]
     assert "Unable to shutdown process" not in err, err[-3000:]  # the workers ended before torchrun's SIGKILL
-    _resume_and_compare(run_dir, reference, "torchrun", step)
+    _resume_and_compare(run_dir, reference, "torchrun", step, extra)
 
 
 def test_every_steps_adds_mid_epoch_checkpoints(tmp_path: Path) -> None:

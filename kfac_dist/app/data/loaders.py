@@ -13,6 +13,13 @@ Other datasets get plain indices; their random transforms use the worker's globa
 seeds from ``(seed, rank, worker_id)`` (torch, ``random`` and numpy), so a run is reproducible as a whole. The
 loaders carry their own ``torch.Generator``, so building or iterating them never consumes the global RNG.
 
+Stop signals: Slurm sends SIGTERM to every process of a job (time limit, preemption, ``scancel``), and torchrun to
+its ranks' process groups, loader workers included. PyTorch's worker handler ends a worker on a SIGTERM from any
+process but its rank, which then fails; ``worker_init_fn`` makes workers ignore those instead, so the rank reaches
+its next stop check and writes its checkpoint (:mod:`kfac_dist.app.preemption`). A SIGTERM from the rank itself
+(``terminate()`` at shutdown) still ends a worker at once, a worker whose rank died ends itself (PyTorch's watchdog,
+within 5 s), and SIGKILL ends it as ever.
+
 Validation: :class:`ShardSampler` gives rank ``r`` the samples ``r, r + world_size, ...`` without padding or
 dropping, so every sample is evaluated exactly once. Ranks may then have different numbers of batches: do not run
 collectives per batch; accumulate sums and counts (e.g. correct predictions, summed loss, number of samples) and
@@ -24,6 +31,8 @@ from __future__ import annotations
 import functools
 import os
 import random
+import signal
+import threading
 from collections.abc import Iterator, Sized
 from typing import Any, NamedTuple
 
@@ -105,6 +114,22 @@ def _seed_worker(worker_id: int, *, seed: int, rank: int) -> None:
     np.random.seed(worker_seed % 2**32)
 
 
+def _init_worker(worker_id: int, *, seed: int, rank: int) -> None:
+    """A loader worker's ``worker_init_fn``: seed its RNGs, and leave SIGTERM from other processes to its rank."""
+    _seed_worker(worker_id, seed=seed, rank=rank)
+    # Blocked here, before the worker starts any thread, SIGTERM is blocked in all of them (threads inherit the mask)
+    # and reaches only the watcher's sigwaitinfo.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_watch_sigterm, args=(os.getppid(),), name="sigterm-watch", daemon=True).start()
+
+
+def _watch_sigterm(parent: int) -> None:
+    """Exit on a SIGTERM from ``parent`` (the rank's ``terminate()``), as PyTorch's worker handler does; drop others."""
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass  # Slurm's (sent to every process of a job) or torchrun's (to a rank's process group): the rank stops
+    os._exit(0)
+
+
 def build_loaders(
     train_ds: Dataset[Any],
     val_ds: Dataset[Any],
@@ -160,7 +185,7 @@ def build_loaders(
         "num_workers": workers,
         "pin_memory": torch.device(device).type == "cuda",
         "persistent_workers": workers > 0,
-        "worker_init_fn": functools.partial(_seed_worker, seed=seed, rank=rank) if workers > 0 else None,
+        "worker_init_fn": functools.partial(_init_worker, seed=seed, rank=rank) if workers > 0 else None,
     }
     train = DataLoader(
         train_ds,
