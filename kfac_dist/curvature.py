@@ -155,10 +155,12 @@ def precondition(decomposition: Decomposition, grad: torch.Tensor, damping: floa
     return result
 
 
-def kl_clip_scale(
-    preconditioned: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lr: float, kl_clip: float
-) -> torch.Tensor:
-    """``min(1, sqrt(kl_clip / (lr^2 |sum_l <v_l, g_l>|)))`` as a 0-d tensor, without a host sync."""
-    inner = torch.stack([(v * g.to(v.dtype)).sum() for v, g in zip(preconditioned, grads, strict=True)]).sum()
+def kl_inner(preconditioned: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_l <v_l, g_l>`` as a 0-d tensor, without a host sync (non-finite if any v or g holds a NaN/Inf)."""
+    return torch.stack([(v * g.to(v.dtype)).sum() for v, g in zip(preconditioned, grads, strict=True)]).sum()
+
+
+def kl_clip_scale(inner: torch.Tensor, lr: float, kl_clip: float) -> torch.Tensor:
+    """``min(1, sqrt(kl_clip / (lr^2 |inner|)))`` for ``inner`` = :func:`kl_inner`, as a 0-d tensor."""
     quadratic = inner.abs() * lr**2
     return torch.clamp(torch.sqrt(kl_clip / quadratic), max=1.0)

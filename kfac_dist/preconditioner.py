@@ -340,19 +340,25 @@ class KFACPreconditioner:
             states.append(state)
             preconditioned.append(result)
             raw.append(state.layer.grad_matrix())
-        if self.kl_clip is not None and preconditioned:
-            kl_clip = resolve("kl_clip", self.kl_clip, step)
-            lr = resolve("lr", self.lr, step)
-            scale = curvature.kl_clip_scale(preconditioned, raw, lr, kl_clip)
+        if not preconditioned:
+            return
+        # Non-finite gradients are counted on the device (no host sync): with KL-clip from its inner product, which
+        # is NaN/Inf when any preconditioned or raw gradient is (then so is what is written); without, from a
+        # float64 sum of what is written.
+        inner = None
+        if self.kl_clip is not None:
+            inner = curvature.kl_inner(preconditioned, raw)
+            scale = curvature.kl_clip_scale(inner, resolve("lr", self.lr, step), resolve("kl_clip", self.kl_clip, step))
             preconditioned = [p * scale.to(p.dtype) for p in preconditioned]
         written = []
         for state, result, grad in zip(states, preconditioned, raw, strict=True):
             if state.name in received:
                 result = torch.where((received[state.name] == 0).all(), grad, result)
             state.layer.set_grad_matrix(result)
-            written.append(result.sum(dtype=torch.float64))
-        if written:  # counted on the device (no host sync); a NaN/Inf anywhere makes the float64 sum non-finite
-            self._health.tally("nonfinite_gradient", ~torch.isfinite(torch.stack(written).sum()))
+            if inner is None:
+                written.append(result.sum(dtype=torch.float64))
+        checked = inner if inner is not None else torch.stack(written).sum()
+        self._health.tally("nonfinite_gradient", ~torch.isfinite(checked))
 
     def _any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank (collective), so every rank takes the same branch."""

@@ -125,10 +125,11 @@ def test_stop_names_the_interval_and_writes_nothing(tmp_path: Path) -> None:
     assert list_checkpoints(tmp_path / "checkpoints") == []
 
 
-def test_kfac_counts_nonfinite_preconditioned_gradients() -> None:
+@pytest.mark.parametrize("kl_clip", [None, 1e-3])  # counted from written gradients, or from KL-clip's reduction
+def test_kfac_counts_nonfinite_preconditioned_gradients(kl_clip: float | None) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
-    pre = KFACPreconditioner(model, kl_clip=None)
+    pre = KFACPreconditioner(model, kl_clip=kl_clip)
     x = torch.randn(8, 4)
     for poison in (False, True, False):
         model.zero_grad()
