@@ -172,7 +172,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+# cred_expire (default 120 s) is also how long a requeued job waits before it may start: a sooner start finds the
+# first run's credential revoked and the job fails ("Job credential revoked"). Short, so a test sees a requeue through.
+AuthInfo=socket={munge_socket},cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
@@ -184,6 +186,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/builtin
+# The main scheduling pass every 2 s (default 60 s), so a requeued job starts soon after its begin time.
+SchedulerParameters=sched_interval=2
 MpiDefault=none
 ReturnToService=2
 # The node may claim more CPUs than the machine has (see MIN_CPUS): slurmd takes this file's word for it.
