@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kfac_dist.options import check_value
+from kfac_dist.options import check_value, range_of
 
 _MAX_VALUE_CHARS = 80
 
@@ -35,7 +35,7 @@ def describe_options(options: Mapping[str, object]) -> str:
             text = "None" if value is None else type(value).__qualname__
         elif callable(value):
             try:
-                text = f"{check_value(name, value(0), 0)!r} (callable)"
+                text = f"{check_value(name, value(0), range_of(name), 0)!r} (callable)"
             except (ValueError, TypeError, ArithmeticError) as error:  # reported by step(), on every rank alike
                 text = f"a callable raising {type(error).__name__} at step 0"
         elif isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -1,7 +1,8 @@
 """Closed-form accounting of a :class:`~kfac_dist.placement.Plan`: bytes per step, memory and eigh load.
 
 This is what ``kfac-dist plan`` prints, and the byte counts the `Communicator` records in a real run must
-equal these numbers exactly. Pure Python: no tensors, no torch.
+equal these numbers exactly. No tensors. The sizes of a decomposition are its compute method's fields
+(:mod:`kfac_dist.methods`), the same list the exchange sends.
 
 Bytes are counted per fusion bucket, exactly as a run sends them: each phase's entries
 (:mod:`kfac_dist.entries`, the lists the runtime uses) are laid out into buckets by
@@ -48,67 +49,53 @@ from kfac_dist.entries import (
     GRADIENT_BROADCAST,
     decomposition_entries,
     factor_entries,
+    factor_fields,
     gradient_entries,
 )
+from kfac_dist.methods import get_method, wire_numel
+from kfac_dist.options import KFACOptions, check_flag
 from kfac_dist.placement import LayerShape, Plan, compute_cost
 
-#: The preconditioner's default ``bucket_cap_mb``.
-DEFAULT_BUCKET_CAP_MB = 25.0
 MEMORY_CATEGORIES = ("factors", "decompositions", "buffers")
-COMPUTE_METHODS = ("eigen", "inverse")
-FACTOR_COMMS = ("owner", "allreduce")
 
 Traffic = dict[int, dict[str, dict[str, int]]]
 """``{rank: {category: {"sent": bytes, "received": bytes}}}``."""
 
 
-def _tri(n: int, packed: bool) -> int:
-    return n * (n + 1) // 2 if packed else n * n
+@dataclass(frozen=True)
+class ElementBytes:
+    """Bytes per element of the factors, the decompositions and the gradients (4: float32).
+
+    :meth:`of` reads the first two from :class:`~kfac_dist.options.KFACOptions`' dtypes.
+    """
+
+    factor: int = 4
+    inv: int = 4
+    grad: int = 4
+
+    def __post_init__(self) -> None:
+        """Reject a size that is not a positive integer, naming it."""
+        for key in ("factor", "inv", "grad"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key}_bytes must be an integer >= 1; got {value!r}")
+
+    @classmethod
+    def of(cls, options: KFACOptions, grad_bytes: int = 4) -> ElementBytes:
+        """The sizes a run with ``options`` uses for gradients of ``grad_bytes`` (``factor_dtype=None``: 4)."""
+        factor_dtype = options.chosen_factor_dtype()
+        factor = factor_dtype.itemsize if factor_dtype is not None else max(grad_bytes, 4)
+        return cls(factor=factor, inv=options.inverse_dtype().itemsize, grad=grad_bytes)
 
 
 def factor_comm_numel(shape: LayerShape, *, symmetric_comm: bool = True) -> int:
     """Elements of A and G that one rank contributes to the factor reduction of a layer."""
-    a = shape.a_side if shape.a_diagonal else _tri(shape.a_side, symmetric_comm)
-    return shape.blocks * (a + _tri(shape.g_side, symmetric_comm))
-
-
-def decomposition_comm_numel(shape: LayerShape, *, compute_method: str = "eigen", symmetric_comm: bool = True) -> int:
-    """Elements of the decomposition that the owner of a layer broadcasts to each fellow grad worker."""
-    a, g = shape.a_side, shape.g_side
-    if compute_method == "eigen":
-        return shape.blocks * ((a if shape.a_diagonal else a * a + a) + g * g + g)
-    return shape.blocks * ((a if shape.a_diagonal else _tri(a, symmetric_comm)) + _tri(g, symmetric_comm))
+    return sum(wire_numel(s, sym, symmetric_comm) for _, s, sym in factor_fields(shape))
 
 
 def factor_storage_numel(shape: LayerShape) -> int:
     """Elements of the stored factors A and G of a layer (full square; a diagonal A as its diagonal)."""
     return factor_comm_numel(shape, symmetric_comm=False)
-
-
-def decomposition_storage_numel(shape: LayerShape, *, compute_method: str = "eigen") -> int:
-    """Elements of the decomposition a grad worker stores for a layer (full square)."""
-    return decomposition_comm_numel(shape, compute_method=compute_method, symmetric_comm=False)
-
-
-def _check_choice(option: str, value: object, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{option} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-
-
-def _check_positive_int(option: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{option} must be an integer >= 1; got {value!r}")
-
-
-def _check_bucket_cap(value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"bucket_cap_mb must be a number > 0; got {value!r}")
-
-
-def _check_flags(**flags: object) -> None:
-    for option, value in flags.items():
-        if not isinstance(value, bool):
-            raise ValueError(f"{option} must be True or False; got {value!r}")
 
 
 def _shapes_in_plan_order(plan: Plan, layers: Sequence[LayerShape]) -> list[LayerShape]:
@@ -143,95 +130,65 @@ def _charge(out: Traffic, category: str, buckets: Sequence[Bucket], element_size
 def step_bytes(
     plan: Plan,
     layers: Sequence[LayerShape],
+    options: KFACOptions | None = None,
     *,
     factor_step: bool = True,
     inverse_step: bool = True,
-    compute_method: str = "eigen",
-    factor_comm: str = "owner",
-    symmetric_comm: bool = True,
-    bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
-    factor_bytes: int = 4,
-    inv_bytes: int = 4,
-    grad_bytes: int = 4,
+    sizes: ElementBytes | None = None,
 ) -> Traffic:
     """Bytes each rank sends and receives in one K-FAC step, per category.
 
     Args:
         plan: the placement.
         layers: the shapes of the plan's layers (any order).
+        options: K-FAC's options (``compute_method``, ``factor_comm``, ``symmetric_comm``, ``bucket_cap_mb``);
+            default: every default.
         factor_step: whether the step reduces factors.
         inverse_step: whether the step decomposes and broadcasts decompositions.
-        compute_method: ``"eigen"`` or ``"inverse"``.
-        factor_comm: ``"owner"`` (reduce to the owner) or ``"allreduce"`` (KAISA).
-        symmetric_comm: send symmetric matrices as upper triangles.
-        bucket_cap_mb: the fusion bucket cap in MiB (the preconditioner's ``bucket_cap_mb``).
-        factor_bytes: bytes per factor element.
-        inv_bytes: bytes per decomposition element.
-        grad_bytes: bytes per gradient element.
+        sizes: bytes per element (default: 4 each).
 
     Returns:
         ``{rank: {category: {"sent": int, "received": int}}}`` for every rank and every category of
         `CATEGORIES` (zeros for phases that do not run).
     """
-    _check_choice("compute_method", compute_method, COMPUTE_METHODS)
-    _check_choice("factor_comm", factor_comm, FACTOR_COMMS)
-    _check_flags(factor_step=factor_step, inverse_step=inverse_step, symmetric_comm=symmetric_comm)
-    _check_bucket_cap(bucket_cap_mb)
-    _check_positive_int("factor_bytes", factor_bytes)
-    _check_positive_int("inv_bytes", inv_bytes)
-    _check_positive_int("grad_bytes", grad_bytes)
+    o, sizes = options or KFACOptions(), sizes or ElementBytes()
+    check_flag("factor_step", factor_step)
+    check_flag("inverse_step", inverse_step)
     shapes = _shapes_in_plan_order(plan, layers)
     out = _empty_traffic(plan.world_size)
     phases: list[tuple[str, list[FusionEntry], int]] = []
     if factor_step:
-        phases.append((FACTOR_REDUCE, factor_entries(plan, shapes, factor_comm), factor_bytes))
+        phases.append((FACTOR_REDUCE, factor_entries(plan, shapes, o.factor_comm), sizes.factor))
     if inverse_step:
-        phases.append((DECOMPOSITION_BROADCAST, decomposition_entries(plan, shapes, compute_method), inv_bytes))
+        method = get_method(o.compute_method)
+        phases.append((DECOMPOSITION_BROADCAST, decomposition_entries(plan, shapes, method), sizes.inv))
     gradients = gradient_entries(plan, shapes, {s.name: (s.grad_numel,) for s in shapes})
-    phases.append((GRADIENT_BROADCAST, gradients, grad_bytes))
+    phases.append((GRADIENT_BROADCAST, gradients, sizes.grad))
     for category, entries, element_size in phases:
-        _charge(out, category, _buckets(entries, element_size, symmetric_comm, bucket_cap_mb), element_size)
+        _charge(out, category, _buckets(entries, element_size, o.symmetric_comm, o.bucket_cap_mb), element_size)
     return out
 
 
 def amortised_bytes(
-    plan: Plan,
-    layers: Sequence[LayerShape],
-    *,
-    factor_update_steps: int,
-    inv_update_steps: int,
-    compute_method: str = "eigen",
-    factor_comm: str = "owner",
-    symmetric_comm: bool = True,
-    bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
-    factor_bytes: int = 4,
-    inv_bytes: int = 4,
-    grad_bytes: int = 4,
+    plan: Plan, layers: Sequence[LayerShape], options: KFACOptions | None = None, *, sizes: ElementBytes | None = None
 ) -> dict[int, dict[str, dict[str, float]]]:
-    """Average bytes per rank per step over a schedule, per category.
+    """Average bytes per rank per step over the schedule of ``options``, per category.
 
     Step k (k = 0, 1, ...) is a factor step when ``k % factor_update_steps == 0`` and an inverse step when
-    ``k % inv_update_steps == 0``; the two are independent. The average is taken exactly over one period of
-    ``lcm(factor_update_steps, inv_update_steps)`` steps, then returned as floats.
+    ``k % inv_update_steps == 0`` (callables: their values at step 0); the two are independent. The average is
+    taken exactly over one period of ``lcm(factor_update_steps, inv_update_steps)`` steps, then returned as floats.
 
     Args:
         plan: the placement.
         layers: the shapes of the plan's layers (any order).
-        factor_update_steps: steps between factor updates (>= 1).
-        inv_update_steps: steps between decompositions (>= 1).
-        compute_method: as in :func:`step_bytes`.
-        factor_comm: as in :func:`step_bytes`.
-        symmetric_comm: as in :func:`step_bytes`.
-        bucket_cap_mb: as in :func:`step_bytes`.
-        factor_bytes: as in :func:`step_bytes`.
-        inv_bytes: as in :func:`step_bytes`.
-        grad_bytes: as in :func:`step_bytes`.
+        options: as in :func:`step_bytes`, with the frequencies.
+        sizes: as in :func:`step_bytes`.
 
     Returns:
         ``{rank: {category: {"sent": float, "received": float}}}``.
     """
-    _check_positive_int("factor_update_steps", factor_update_steps)
-    _check_positive_int("inv_update_steps", inv_update_steps)
+    o = options or KFACOptions()
+    factor_update_steps, inv_update_steps = int(o.value("factor_update_steps", 0)), int(o.value("inv_update_steps", 0))
     period = math.lcm(factor_update_steps, inv_update_steps)
     total: dict[int, dict[str, dict[str, Fraction]]] = {
         r: {c: {"sent": Fraction(0), "received": Fraction(0)} for c in CATEGORIES} for r in range(plan.world_size)
@@ -241,19 +198,7 @@ def amortised_bytes(
         kind = (k % factor_update_steps == 0, k % inv_update_steps == 0)
         kinds[kind] = kinds.get(kind, 0) + 1
     for (factor, inverse), count in sorted(kinds.items()):
-        traffic = step_bytes(
-            plan,
-            layers,
-            factor_step=factor,
-            inverse_step=inverse,
-            compute_method=compute_method,
-            factor_comm=factor_comm,
-            symmetric_comm=symmetric_comm,
-            bucket_cap_mb=bucket_cap_mb,
-            factor_bytes=factor_bytes,
-            inv_bytes=inv_bytes,
-            grad_bytes=grad_bytes,
-        )
+        traffic = step_bytes(plan, layers, o, factor_step=factor, inverse_step=inverse, sizes=sizes)
         for r, per_category in traffic.items():
             for c, counts in per_category.items():
                 for direction, value in counts.items():
@@ -262,51 +207,36 @@ def amortised_bytes(
 
 
 def memory_bytes(
-    plan: Plan,
-    layers: Sequence[LayerShape],
-    *,
-    factor_comm: str = "owner",
-    compute_method: str = "eigen",
-    symmetric_comm: bool = True,
-    bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
-    factor_bytes: int = 4,
-    inv_bytes: int = 4,
+    plan: Plan, layers: Sequence[LayerShape], options: KFACOptions | None = None, *, sizes: ElementBytes | None = None
 ) -> dict[int, dict[str, int]]:
     """Second-order memory each rank holds, per category of `MEMORY_CATEGORIES` (see the module docstring).
 
     Args:
         plan: the placement.
         layers: the shapes of the plan's layers (any order).
-        factor_comm: ``"owner"`` (factors live on the owner) or ``"allreduce"`` (on every rank).
-        compute_method: ``"eigen"`` or ``"inverse"``.
-        symmetric_comm: the factor-reduction buckets hold upper triangles.
-        bucket_cap_mb: the fusion bucket cap in MiB.
-        factor_bytes: bytes per factor element.
-        inv_bytes: bytes per decomposition element.
+        options: K-FAC's options (``factor_comm``: factors on the owner or on every rank; ``compute_method``;
+            ``symmetric_comm`` and ``bucket_cap_mb`` of the factor-reduction buckets); default: every default.
+        sizes: bytes per element (default: 4 each).
 
     Returns:
         ``{rank: {"factors": int, "decompositions": int, "buffers": int}}``.
     """
-    _check_choice("compute_method", compute_method, COMPUTE_METHODS)
-    _check_choice("factor_comm", factor_comm, FACTOR_COMMS)
-    _check_flags(symmetric_comm=symmetric_comm)
-    _check_bucket_cap(bucket_cap_mb)
-    _check_positive_int("factor_bytes", factor_bytes)
-    _check_positive_int("inv_bytes", inv_bytes)
+    o, sizes = options or KFACOptions(), sizes or ElementBytes()
+    method = get_method(o.compute_method)
     shapes = _shapes_in_plan_order(plan, layers)
     out = {r: dict.fromkeys(MEMORY_CATEGORIES, 0) for r in range(plan.world_size)}
     for lp, shape in zip(plan.layers, shapes, strict=True):
-        factors = factor_storage_numel(shape) * factor_bytes
+        factors = factor_storage_numel(shape) * sizes.factor
         for r in range(plan.world_size):
-            if factor_comm == "allreduce" or r == lp.owner:
+            if o.factor_comm == "allreduce" or r == lp.owner:
                 out[r]["factors"] += factors
-        decomposition = decomposition_storage_numel(shape, compute_method=compute_method) * inv_bytes
+        decomposition = method.storage_numel(shape) * sizes.inv
         for r in lp.grad_workers:
             out[r]["decompositions"] += decomposition
-    entries = factor_entries(plan, shapes, factor_comm)
-    for bucket in _buckets(entries, factor_bytes, symmetric_comm, bucket_cap_mb):
+    entries = factor_entries(plan, shapes, o.factor_comm)
+    for bucket in _buckets(entries, sizes.factor, o.symmetric_comm, o.bucket_cap_mb):
         for r in bucket.target.group:
-            out[r]["buffers"] += bucket.numel * factor_bytes
+            out[r]["buffers"] += bucket.numel * sizes.factor
     return out
 
 

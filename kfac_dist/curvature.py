@@ -1,4 +1,6 @@
-"""How factors are averaged, decomposed, damped and applied. No ranks, groups or bytes here.
+"""The numerical kernels of K-FAC: running averages, safe eigh and SPD inverses, pi, KL-clip. No ranks or bytes.
+
+The compute methods (:mod:`kfac_dist.methods`) build their decompositions from these.
 
 Shapes follow :mod:`kfac_dist.layers.base`: A is ``(b, n, n)`` or, when diagonal, ``(b, n)``; G is ``(b, m, m)``;
 a gradient matrix is ``(b, m, n)``. See docs/conventions.md for the formulas.
@@ -7,7 +9,6 @@ a gradient matrix is ``(b, m, n)``. See docs/conventions.md for the formulas.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -28,36 +29,7 @@ def running_average(current: torch.Tensor | None, batch: torch.Tensor, decay: fl
     return current.mul(decay).add_(batch, alpha=1.0 - decay)
 
 
-@dataclass
-class EigenDecomposition:
-    """Eigenbases and eigenvalues of A and G (``q_a`` is None for a diagonal A)."""
-
-    q_a: torch.Tensor | None
-    l_a: torch.Tensor
-    q_g: torch.Tensor
-    l_g: torch.Tensor
-
-    def tensors(self) -> list[torch.Tensor]:
-        """The tensors that make up this decomposition, in a fixed order."""
-        return [t for t in (self.q_a, self.l_a, self.q_g, self.l_g) if t is not None]
-
-
-@dataclass
-class InverseDecomposition:
-    """Damped inverses of A (diagonal for a diagonal A) and G."""
-
-    a_inv: torch.Tensor
-    g_inv: torch.Tensor
-
-    def tensors(self) -> list[torch.Tensor]:
-        """The tensors that make up this decomposition, in a fixed order."""
-        return [self.a_inv, self.g_inv]
-
-
-Decomposition = EigenDecomposition | InverseDecomposition
-
-
-def _symmetric_eigh(matrix: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def symmetric_eigh(matrix: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (clamped at 0: factors are PSD) and eigenvectors, or raise DecompositionError."""
     try:
         values, vectors = torch.linalg.eigh(matrix.to(dtype))
@@ -66,15 +38,6 @@ def _symmetric_eigh(matrix: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Ten
     if not (is_finite(values) and is_finite(vectors)):
         raise DecompositionError("eigh returned non-finite values")
     return values.clamp_(min=0.0), vectors
-
-
-def eigen_decomposition(a: torch.Tensor, g: torch.Tensor, a_diagonal: bool, dtype: torch.dtype) -> EigenDecomposition:
-    """Eigendecompositions of A and G in ``dtype``."""
-    l_g, q_g = _symmetric_eigh(g, dtype)
-    if a_diagonal:
-        return EigenDecomposition(q_a=None, l_a=a.to(dtype).clamp(min=0.0), q_g=q_g, l_g=l_g)
-    l_a, q_a = _symmetric_eigh(a, dtype)
-    return EigenDecomposition(q_a=q_a, l_a=l_a, q_g=q_g, l_g=l_g)
 
 
 def pi_correction(a: torch.Tensor, g: torch.Tensor, a_diagonal: bool) -> torch.Tensor:
@@ -86,7 +49,7 @@ def pi_correction(a: torch.Tensor, g: torch.Tensor, a_diagonal: bool) -> torch.T
     return ratio.sqrt()
 
 
-def _spd_inverse(matrix: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def spd_inverse(matrix: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(matrix + shift I)^-1`` for a batch of SPD matrices via Cholesky, or raise DecompositionError."""
     side = matrix.shape[-1]
     eye = torch.eye(side, dtype=dtype, device=matrix.device)
@@ -98,61 +61,6 @@ def _spd_inverse(matrix: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) 
     if not is_finite(inverse):
         raise DecompositionError("the inverse has non-finite values")
     return inverse
-
-
-def inverse_decomposition(
-    a: torch.Tensor, g: torch.Tensor, a_diagonal: bool, damping: float, dtype: torch.dtype
-) -> InverseDecomposition:
-    """Factored Tikhonov damping: ``(A + pi sqrt(d) I)^-1`` and ``(G + sqrt(d) / pi I)^-1``."""
-    pi = pi_correction(a, g, a_diagonal).to(dtype)
-    root = damping**0.5
-    g_inv = _spd_inverse(g, root / pi, dtype)
-    if a_diagonal:
-        a_inv = 1.0 / (a.to(dtype) + (pi * root).unsqueeze(-1))
-        if not is_finite(a_inv):
-            raise DecompositionError("the diagonal inverse has non-finite values")
-    else:
-        a_inv = _spd_inverse(a, pi * root, dtype)
-    return InverseDecomposition(a_inv=a_inv, g_inv=g_inv)
-
-
-def decompose(
-    a: torch.Tensor, g: torch.Tensor, *, a_diagonal: bool, method: str, damping: float, dtype: torch.dtype
-) -> Decomposition:
-    """Decompose A and G with ``method`` ("eigen" or "inverse") in ``dtype``."""
-    if method == "eigen":
-        return eigen_decomposition(a, g, a_diagonal, dtype)
-    return inverse_decomposition(a, g, a_diagonal, damping, dtype)
-
-
-def cast(decomposition: Decomposition, dtype: torch.dtype) -> Decomposition:
-    """The decomposition with every tensor cast to ``dtype``."""
-    if isinstance(decomposition, InverseDecomposition):
-        return InverseDecomposition(decomposition.a_inv.to(dtype), decomposition.g_inv.to(dtype))
-    q_a = None if decomposition.q_a is None else decomposition.q_a.to(dtype)
-    return EigenDecomposition(
-        q_a, decomposition.l_a.to(dtype), decomposition.q_g.to(dtype), decomposition.l_g.to(dtype)
-    )
-
-
-def precondition(decomposition: Decomposition, grad: torch.Tensor, damping: float) -> torch.Tensor:
-    """The preconditioned gradient matrix, in the decomposition's dtype."""
-    matrix = grad.to(
-        decomposition.l_g.dtype if isinstance(decomposition, EigenDecomposition) else decomposition.g_inv.dtype
-    )
-    if isinstance(decomposition, InverseDecomposition):
-        if decomposition.a_inv.dim() == 2:  # diagonal A
-            return decomposition.g_inv @ (matrix * decomposition.a_inv.unsqueeze(1))
-        return decomposition.g_inv @ matrix @ decomposition.a_inv
-    q_g, q_a = decomposition.q_g, decomposition.q_a
-    rotated = q_g.transpose(1, 2) @ matrix
-    if q_a is not None:
-        rotated = rotated @ q_a
-    rotated = rotated / (decomposition.l_g.unsqueeze(2) * decomposition.l_a.unsqueeze(1) + damping)
-    result = q_g @ rotated
-    if q_a is not None:
-        result = result @ q_a.transpose(1, 2)
-    return result
 
 
 def kl_inner(preconditioned: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:

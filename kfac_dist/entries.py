@@ -1,6 +1,6 @@
 """What each exchange of a K-FAC step sends: its fusion entries, in order, from the :class:`~.placement.Plan`.
 
-Pure Python (no torch). :mod:`kfac_dist.exchange` builds its fusion plans from these lists at run time and
+No tensors. :mod:`kfac_dist.exchange` builds its fusion plans from these lists at run time and
 :mod:`kfac_dist.costs` lays out the same buckets in closed form, so the bytes a real run records and the bytes
 the closed form predicts come from one description of what moves. Entries follow the plan's layer order (the
 registration order of the preconditioner):
@@ -8,7 +8,7 @@ registration order of the preconditioner):
 - :func:`factor_entries`: each layer's batch A and G, in reverse order (the order backward finishes layers),
   reduced into the owner (``factor_comm="owner"``) or allreduced (``"allreduce"``, KAISA), averaged, over the
   world;
-- :func:`decomposition_entries`: each layer's decomposition (:func:`decomposition_fields`), broadcast by the
+- :func:`decomposition_entries`: each layer's decomposition (its compute method's fields), broadcast by the
   owner inside the grad-worker group (only layers with more than one grad worker);
 - :func:`gradient_entries`: each layer's preconditioned gradient, broadcast by every grad worker to the ranks the
   plan assigns it (only layers with fewer grad workers than ranks).
@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from kfac_dist.comm.layout import CollectiveOp, FusionEntry, Target
+from kfac_dist.methods import ComputeMethod, Field
 from kfac_dist.placement import LayerShape, Plan
 
 FACTOR_REDUCE = "factor_reduce"
@@ -27,38 +28,10 @@ GRADIENT_BROADCAST = "gradient_broadcast"
 #: The byte-accounting categories of the three exchanges of a step, in the order a step runs them.
 CATEGORIES = (FACTOR_REDUCE, DECOMPOSITION_BROADCAST, GRADIENT_BROADCAST)
 
-Field = tuple[str, tuple[int, ...], bool]
-"""``(field name, shape, symmetric)`` of one tensor of a layer."""
-
-
-def a_shape(shape: LayerShape) -> tuple[int, ...]:
-    """Shape of a layer's A factor: ``(b, a)`` when diagonal, else ``(b, a, a)``."""
-    if shape.a_diagonal:
-        return (shape.blocks, shape.a_side)
-    return (shape.blocks, shape.a_side, shape.a_side)
-
-
-def g_shape(shape: LayerShape) -> tuple[int, ...]:
-    """Shape of a layer's G factor, ``(b, g, g)``."""
-    return (shape.blocks, shape.g_side, shape.g_side)
-
 
 def factor_fields(shape: LayerShape) -> list[Field]:
     """The factors A and G of a layer (a diagonal A is not symmetric: it travels as its diagonal)."""
-    return [("A", a_shape(shape), not shape.a_diagonal), ("G", g_shape(shape), True)]
-
-
-def decomposition_fields(shape: LayerShape, method: str) -> list[Field]:
-    """The tensors of a layer's decomposition, in a fixed order.
-
-    ``"eigen"``: Q_A (none for a diagonal A), l_A, Q_G, l_G (eigenbases are not symmetric); ``"inverse"``:
-    A^-1 and G^-1 (symmetric, but a diagonal A^-1 is its diagonal).
-    """
-    b, n, m = shape.blocks, shape.a_side, shape.g_side
-    if method == "eigen":
-        fields: list[Field] = [] if shape.a_diagonal else [("q_a", (b, n, n), False)]
-        return [*fields, ("l_a", (b, n), False), ("q_g", (b, m, m), False), ("l_g", (b, m), False)]
-    return [("a_inv", a_shape(shape), not shape.a_diagonal), ("g_inv", g_shape(shape), True)]
+    return [("A", shape.a_shape(), not shape.a_diagonal), ("G", shape.g_shape(), True)]
 
 
 def _in_plan_order(plan: Plan, shapes: Sequence[LayerShape]) -> list[LayerShape]:
@@ -79,14 +52,14 @@ def factor_entries(plan: Plan, shapes: Sequence[LayerShape], factor_comm: str) -
     return entries
 
 
-def decomposition_entries(plan: Plan, shapes: Sequence[LayerShape], method: str) -> list[FusionEntry]:
-    """The decomposition broadcast: keys ``"<layer>/<field>"`` (:func:`decomposition_fields`)."""
+def decomposition_entries(plan: Plan, shapes: Sequence[LayerShape], method: ComputeMethod) -> list[FusionEntry]:
+    """The decomposition broadcast: keys ``"<layer>/<field>"`` (the method's :meth:`~ComputeMethod.fields`)."""
     entries = []
     for shape in _in_plan_order(plan, shapes):
         layer = plan.layer(shape.name)
         if len(layer.grad_workers) > 1:
             target = Target(CollectiveOp.BROADCAST, layer.grad_workers, root=layer.owner)
-            fields = decomposition_fields(shape, method)
+            fields = method.fields(shape)
             entries += [FusionEntry(f"{shape.name}/{f}", s, target, sym) for f, s, sym in fields]
     return entries
 

@@ -18,36 +18,30 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
 from kfac_dist.comm import CollectiveOp, Communicator, FusionEntry, FusionPlan, FusionStep, Target
-from kfac_dist.curvature import Decomposition, EigenDecomposition, InverseDecomposition
 from kfac_dist.entries import (
     DECOMPOSITION_BROADCAST,
     FACTOR_REDUCE,
     GRADIENT_BROADCAST,
-    Field,
     decomposition_entries,
-    decomposition_fields,
     factor_entries,
     factor_fields,
     gradient_entries,
 )
+from kfac_dist.methods import Decomposition, Field, get_method
+from kfac_dist.options import KFACOptions
 from kfac_dist.placement import LayerShape, Plan
 
 STATE_GATHER = "state_gather"
 
 
 @dataclass(frozen=True)
-class ExchangeOptions:
-    """How bytes move: factor scheme, packing, bucket size and the dtypes on the wire."""
+class TensorFormat:
+    """The dtypes on the wire and the device of every tensor the exchange sends and returns."""
 
-    factor_comm: str
-    symmetric_comm: bool
-    bucket_cap_mb: float
-    compute_method: str
     factor_dtype: torch.dtype
     inv_dtype: torch.dtype
     grad_dtype: torch.dtype
@@ -60,9 +54,9 @@ class Exchange:
     Args:
         plan: the placement every rank holds.
         shapes: the layers' shapes, in registration order.
-        grad_shapes: each layer's gradient matrix shape ``(b, m, n)``.
         comm: the communicator (its groups must include ``plan.groups()``).
-        options: see :class:`ExchangeOptions`.
+        options: K-FAC's options (``factor_comm``, ``symmetric_comm``, ``bucket_cap_mb``, ``compute_method``).
+        tensors: dtypes and device (:class:`TensorFormat`).
 
     Attributes:
         factor_buffer_bytes: bytes of this rank's fusion buckets of the last factor reduction (0 before the
@@ -73,23 +67,23 @@ class Exchange:
         self,
         plan: Plan,
         shapes: Sequence[LayerShape],
-        grad_shapes: Mapping[str, tuple[int, ...]],
         comm: Communicator,
-        options: ExchangeOptions,
+        options: KFACOptions,
+        tensors: TensorFormat,
     ) -> None:
         self.plan = plan
         self.comm = comm
         self.options = options
+        self.tensors = tensors
+        self.method = get_method(options.compute_method)
         self._shapes = {s.name: s for s in shapes}
-        self._grad_shapes = dict(grad_shapes)
-        factor_dtype, inv_dtype = options.factor_dtype, options.inv_dtype
+        factor_dtype, inv_dtype = tensors.factor_dtype, tensors.inv_dtype
         self._factor_plan = self._fusion(factor_entries(plan, shapes, options.factor_comm), factor_dtype)
-        self._decomposition_plan = self._fusion(decomposition_entries(plan, shapes, options.compute_method), inv_dtype)
-        self._gradient_plan = self._fusion(gradient_entries(plan, shapes, grad_shapes), options.grad_dtype)
+        self._decomposition_plan = self._fusion(decomposition_entries(plan, shapes, self.method), inv_dtype)
+        gradients = gradient_entries(plan, shapes, {s.name: s.grad_shape() for s in shapes})
+        self._gradient_plan = self._fusion(gradients, tensors.grad_dtype)
         self._state_plan = self._gather_plan(shapes, factor_fields, factor_dtype)
-        self._decomposition_state_plan = self._gather_plan(
-            shapes, partial(decomposition_fields, method=options.compute_method), inv_dtype
-        )
+        self._decomposition_state_plan = self._gather_plan(shapes, self.method.fields, inv_dtype)
         self._factor_step: FusionStep | None = None
         self.factor_buffer_bytes = 0
 
@@ -115,7 +109,7 @@ class Exchange:
         )
 
     def _step(self, plan: FusionPlan, category: str) -> FusionStep:
-        return FusionStep(plan, self.comm, category=category, device=self.options.device)
+        return FusionStep(plan, self.comm, category=category, device=self.tensors.device)
 
     # ------------------------------------------------------------------------------------------- factors
     def keeps_factors(self, name: str) -> bool:
@@ -160,17 +154,14 @@ class Exchange:
         step = self._step(self._decomposition_state_plan, STATE_GATHER)
         for name, decomposition in owned.items():
             if decomposition is not None and self.plan.layer(name).owner == self.comm.rank:
-                fields = decomposition_fields(self._shapes[name], self.options.compute_method)
-                for (field, _, _), tensor in zip(fields, decomposition.tensors(), strict=True):
-                    step.add(f"{name}/{field}", tensor)
+                self._add_decomposition(step, name, decomposition)
         step.flush()
         results = step.wait()
         gathered = {}
         for name in self._shapes:
             decomposition = self._assemble(name, results)
             if decomposition is not None:
-                fields = decomposition_fields(self._shapes[name], self.options.compute_method)
-                gathered[name] = {f: t for (f, _, _), t in zip(fields, decomposition.tensors(), strict=True)}
+                gathered[name] = dict(decomposition.tensors)
         return gathered
 
     def decomposition_from_fields(self, name: str, fields: Mapping[str, torch.Tensor]) -> Decomposition | None:
@@ -178,12 +169,12 @@ class Exchange:
 
         None if it does not fit this run.
         """
-        expected = decomposition_fields(self._shapes[name], self.options.compute_method)
+        expected = self.method.fields(self._shapes[name])
         if {f for f, _, _ in expected} != set(fields) or any(
             tuple(fields[f].shape) != shape for f, shape, _ in expected
         ):
             return None
-        cast = {f: fields[f].to(device=self.options.device, dtype=self.options.inv_dtype) for f, _, _ in expected}
+        cast = {f: fields[f].to(device=self.tensors.device, dtype=self.tensors.inv_dtype) for f, _, _ in expected}
         return self._assemble(name, {f"{name}/{f}": t for f, t in cast.items()})
 
     # ------------------------------------------------------------------------------------------- decompositions
@@ -197,9 +188,7 @@ class Exchange:
         for name, decomposition in owned.items():
             if decomposition is None or len(self.plan.layer(name).grad_workers) == 1:
                 continue
-            fields = decomposition_fields(self._shapes[name], self.options.compute_method)
-            for (field, _, _), tensor in zip(fields, decomposition.tensors(), strict=True):
-                step.add(f"{name}/{field}", tensor)
+            self._add_decomposition(step, name, decomposition)
         step.flush()
         results = step.wait()
         shared: dict[str, Decomposition | None] = {}
@@ -210,20 +199,14 @@ class Exchange:
                 shared[name] = self._assemble(name, results)
         return shared
 
-    def _assemble(self, name: str, results: Mapping[str, torch.Tensor]) -> Decomposition | None:
-        def get(field: str) -> torch.Tensor:
-            return results[f"{name}/{field}"].clone()
+    def _add_decomposition(self, step: FusionStep, name: str, decomposition: Decomposition) -> None:
+        for field, _, _ in self.method.fields(self._shapes[name]):
+            step.add(f"{name}/{field}", decomposition.tensors[field])
 
-        if self.options.compute_method == "eigen":
-            q_g = get("q_g")
-            if not bool(q_g.any()):
-                return None
-            q_a = None if self._shapes[name].a_diagonal else get("q_a")
-            return EigenDecomposition(q_a=q_a, l_a=get("l_a"), q_g=q_g, l_g=get("l_g"))
-        g_inv = get("g_inv")
-        if not bool(g_inv.any()):
-            return None
-        return InverseDecomposition(a_inv=get("a_inv"), g_inv=g_inv)
+    def _assemble(self, name: str, results: Mapping[str, torch.Tensor]) -> Decomposition | None:
+        """The decomposition of ``name`` among ``results`` (keys ``"<layer>/<field>"``), or None if none was sent."""
+        fields = self.method.fields(self._shapes[name])
+        return self.method.assemble(self._shapes[name], {f: results[f"{name}/{f}"].clone() for f, _, _ in fields})
 
     # ------------------------------------------------------------------------------------------- gradients
     def share_gradients(self, computed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

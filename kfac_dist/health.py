@@ -12,6 +12,7 @@ import logging
 import torch
 
 from kfac_dist import curvature
+from kfac_dist.methods import ComputeMethod, Decomposition
 from kfac_dist.registry import LayerState
 from kfac_dist.report import HEALTH_COUNTERS
 
@@ -51,26 +52,21 @@ class Health:
             logger.warning("kfac_dist: layer %s: %s (further occurrences are only counted)", state.name, message)
 
     def decompose(
-        self, state: LayerState, *, method: str, damping: float, dtype: torch.dtype
-    ) -> curvature.Decomposition | None:
+        self, state: LayerState, *, method: ComputeMethod, damping: float, dtype: torch.dtype
+    ) -> Decomposition | None:
         """Decompose the layer's factors in ``dtype``; retry in float64; else keep the previous decomposition."""
         assert state.a is not None and state.g is not None
         dtypes = [dtype] + ([torch.float64] if dtype != torch.float64 else [])
         for attempt, attempt_dtype in enumerate(dtypes):
             try:
-                result = curvature.decompose(
-                    state.a,
-                    state.g,
-                    a_diagonal=state.layer.a_diagonal,
-                    method=method,
-                    damping=damping,
-                    dtype=attempt_dtype,
+                result = method.decompose(
+                    state.a, state.g, a_diagonal=state.layer.a_diagonal, damping=damping, dtype=attempt_dtype
                 )
             except curvature.DecompositionError as error:
                 if attempt + 1 < len(dtypes):
                     self.count(state, "decomposition_retried_float64", f"{error}; retrying in float64")
                 continue
-            return result if attempt_dtype == dtype else curvature.cast(result, dtype)
+            return result if attempt_dtype == dtype else result.cast(dtype)
         if state.decomposition is not None:
             self.count(state, "decomposition_kept_previous", "decomposition failed; kept the previous one")
         else:

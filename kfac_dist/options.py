@@ -1,20 +1,58 @@
-"""Validation of the preconditioner's options: every bad value is a ValueError naming the option."""
+"""K-FAC's options: one frozen object with every name, default, allowed range and one-line doc, and its checks.
+
+:class:`KFACOptions` is the one place an option's default is written. ``KFACPreconditioner`` takes it (or the
+same names as keyword arguments), the exchange, the planner and the closed-form costs read it, the YAML config's
+``kfac`` section embeds it (``kfac_dist.app.config.schema.KFACConfig``) and ``kfac-dist plan``'s flags are
+generated from its fields. Every bad value is a ValueError naming the option.
+
+The preconditioner's other arguments describe the training loop (``lr``, ``loss_reduction``,
+``accumulation_steps``, ``grad_scaler``) or the process (``communicator``, ``profile``), not K-FAC, and are its
+own keyword arguments.
+
+The defaults are chosen in docs/defaults.md: ``damping=1.0`` and ``kl_clip=1e-3`` by measurement, factors and
+decompositions every step as in the K-FAC papers (large models set less frequent updates: see configs/).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, TypedDict, cast
 
 import torch
 
-#: A hyperparameter: a constant or a callable of the K-FAC step (the number of completed ``step()`` calls).
-Hyper = float | int | Callable[[int], float]
+from kfac_dist.comm.layout import DEFAULT_BUCKET_CAP_MB, DEFAULT_SYMMETRIC_COMM
+from kfac_dist.methods import COMPUTE_METHODS, get_method
+from kfac_dist.placement import (
+    ASSIGNMENTS,
+    DEFAULT_ASSIGNMENT,
+    DEFAULT_GRAD_WORKER_FRACTION,
+    STRATEGIES,
+    resolve_grad_worker_fraction,
+)
 
-COMPUTE_METHODS = ("eigen", "inverse")
+#: A hyperparameter that may change as training runs: a callable of the K-FAC step (completed ``step()`` calls).
+StepFunction = Callable[[int], float]
+#: An integer hyperparameter: a constant or a :data:`StepFunction`.
+IntHyper = int | StepFunction
+#: A real hyperparameter: a constant or a :data:`StepFunction`.
+FloatHyper = float | StepFunction
+#: Any hyperparameter.
+Hyper = float | int | StepFunction
+
 LOSS_REDUCTIONS = ("mean", "sum")
 FACTOR_COMMS = ("owner", "allreduce")
+#: dtypes by the names options use (a config names them; the library also takes the torch.dtype itself).
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+FACTOR_DTYPES = tuple(DTYPES)
+INV_DTYPES = ("float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -42,21 +80,8 @@ class Range:
         return f"{kind} in {left}{self.low:g}, {high}{right}"
 
 
-RANGES: dict[str, Range] = {
-    "factor_update_steps": Range(1, integer=True),
-    "inv_update_steps": Range(1, integer=True),
-    "accumulation_steps": Range(1, integer=True),
-    "damping": Range(0, low_open=True),
-    "factor_decay": Range(0, 1),
-    "kl_clip": Range(0, low_open=True),
-    "lr": Range(0),
-    "bucket_cap_mb": Range(0, low_open=True),
-}
-
-
-def check_value(option: str, value: object, step: int | None = None) -> float:
-    """Return ``value`` as a number if it is valid for ``option``, else raise ValueError naming both."""
-    allowed = RANGES[option]
+def check_value(option: str, value: object, allowed: Range, step: int | None = None) -> float:
+    """Return ``value`` as a number if it lies in ``allowed``, else raise ValueError naming ``option``."""
     where = f" (returned by its callable at step {step})" if step is not None else ""
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -71,19 +96,12 @@ def check_value(option: str, value: object, step: int | None = None) -> float:
     return int(value) if allowed.integer else float(value)
 
 
-def check_hyper(option: str, value: object) -> Hyper:
+def check_hyper(option: str, value: object, allowed: Range) -> Hyper:
     """Validate a hyperparameter that may be a constant or a callable of the step."""
     if callable(value):
-        return value
-    check_value(option, value)
+        return cast(StepFunction, value)
+    check_value(option, value, allowed)
     return cast(Hyper, value)  # a valid number (or one-element tensor), returned as given
-
-
-def resolve(option: str, value: Hyper, step: int) -> float:
-    """The value of a hyperparameter at ``step``, validated."""
-    if callable(value):
-        return check_value(option, value(step), step)
-    return check_value(option, value)
 
 
 def check_choice(option: str, value: object, choices: tuple[str, ...]) -> str:
@@ -91,16 +109,6 @@ def check_choice(option: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{option} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return str(value)
-
-
-def check_dtype(option: str, value: object, allowed: tuple[torch.dtype, ...], allow_none: bool) -> torch.dtype | None:
-    """Validate a dtype option."""
-    if value is None and allow_none:
-        return None
-    if value not in allowed:
-        names = ", ".join(str(d) for d in allowed) + (" or None" if allow_none else "")
-        raise ValueError(f"{option} must be one of {names}; got {value!r}")
-    return value
 
 
 def check_patterns(option: str, value: object) -> tuple[str, ...]:
@@ -121,3 +129,170 @@ def check_flag(option: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{option} must be True or False; got {value!r}")
     return value
+
+
+def dtype_name(option: str, value: object, choices: tuple[str, ...]) -> str:
+    """The name of a dtype option given as a name or a torch.dtype, checked against ``choices``."""
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    name = names.get(value, value) if isinstance(value, torch.dtype) else value
+    if name not in choices:
+        allowed = ", ".join(f"{c!r} (torch.{c})" for c in choices)
+        raise ValueError(f"{option} must be one of {allowed}; got {value!r}")
+    return str(name)
+
+
+def _option(
+    default: Any, doc: str, *, allowed: Range | None = None, choices: Iterable[str] = (), plans: bool = False
+) -> Any:
+    """A field of :class:`KFACOptions`: its default, one-line doc, range and choices (the config reads the same).
+
+    ``plans``: the option changes the placement, bytes or memory (``kfac-dist plan`` has a flag for it).
+    """
+    metadata = {"doc": doc, "range": allowed, "choices": tuple(choices), "plans": plans}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+_PERIOD = Range(1, integer=True)
+_POSITIVE = Range(0, low_open=True)
+#: Ranges of the preconditioner's numeric arguments that describe the training loop, not K-FAC.
+LOOP_RANGES = {"lr": Range(0), "accumulation_steps": Range(1, integer=True)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class KFACOptions:
+    """Every option of K-FAC itself, validated on construction (see the module docstring).
+
+    ``factor_update_steps``, ``inv_update_steps``, ``damping``, ``factor_decay`` and ``kl_clip`` may be callables of
+    the K-FAC step (the number of completed ``step()`` calls); they are checked each time they are read.
+    """
+
+    factor_update_steps: IntHyper = _option(
+        1,
+        "Factors are captured and updated on steps k with k % factor_update_steps == 0.",
+        allowed=_PERIOD,
+        plans=True,
+    )
+    inv_update_steps: IntHyper = _option(
+        1,
+        "Decompositions are recomputed on steps k with k % inv_update_steps == 0.",
+        allowed=_PERIOD,
+        plans=True,
+    )
+    damping: FloatHyper = _option(
+        1.0, "Tikhonov damping of the Kronecker-factored curvature, in kfac-dist's factor scale.", allowed=_POSITIVE
+    )
+    factor_decay: FloatHyper = _option(0.95, "Running-average decay of the factors.", allowed=Range(0, 1))
+    kl_clip: FloatHyper | None = _option(
+        1e-3, "KL-clip bound (Ba et al. 2017) on the preconditioned step; None disables clipping.", allowed=_POSITIVE
+    )
+    compute_method: str = _option(
+        "eigen",
+        "'eigen' (exact damped Kronecker inverse) or 'inverse' (factored damping with pi); see kfac_dist.methods.",
+        choices=COMPUTE_METHODS,
+        plans=True,
+    )
+    grad_worker_fraction: float | str = _option(
+        DEFAULT_GRAD_WORKER_FRACTION,
+        "Fraction of ranks preconditioning each layer, in (0, 1], or 'mem-opt' (1/W), 'hybrid-opt', 'comm-opt' (1).",
+        allowed=Range(0, 1, low_open=True, high_open=False),
+        choices=STRATEGIES,
+        plans=True,
+    )
+    assignment: str = _option(
+        DEFAULT_ASSIGNMENT, "The cost that orders the placement of layers on ranks.", choices=ASSIGNMENTS, plans=True
+    )
+    factor_comm: str = _option(
+        "owner",
+        "'owner' (factors reduced to the rank that decomposes them) or 'allreduce' (KAISA).",
+        choices=FACTOR_COMMS,
+        plans=True,
+    )
+    symmetric_comm: bool = _option(DEFAULT_SYMMETRIC_COMM, "Send symmetric matrices as upper triangles.", plans=True)
+    bucket_cap_mb: float = _option(
+        DEFAULT_BUCKET_CAP_MB, "Size of the fusion buckets of every exchange, in MiB.", allowed=_POSITIVE, plans=True
+    )
+    inv_dtype: str | torch.dtype = _option("float32", "dtype of the decompositions.", choices=INV_DTYPES, plans=True)
+    factor_dtype: str | torch.dtype | None = _option(
+        None,
+        "dtype of the factors; None: the weights' dtype, at least float32.",
+        choices=FACTOR_DTYPES,
+        plans=True,
+    )
+    skip_layers: tuple[str, ...] = _option(
+        (), "Glob patterns of module names or class names not to precondition.", plans=True
+    )
+
+    def __post_init__(self) -> None:
+        """Check every option (a ValueError naming it) and normalise dtypes to names and patterns to a tuple."""
+        meta = {item.name: item.metadata for item in dataclasses.fields(self)}
+        for name in ("factor_update_steps", "inv_update_steps", "damping", "factor_decay"):
+            check_hyper(name, getattr(self, name), meta[name]["range"])
+        if self.kl_clip is not None:
+            check_hyper("kl_clip", self.kl_clip, meta["kl_clip"]["range"])
+        get_method(self.compute_method)  # the table as it is now: a method registered at run time is valid
+        for name in ("assignment", "factor_comm"):
+            check_choice(name, getattr(self, name), meta[name]["choices"])
+        resolve_grad_worker_fraction(self.grad_worker_fraction, 1)
+        check_flag("symmetric_comm", self.symmetric_comm)
+        check_value("bucket_cap_mb", self.bucket_cap_mb, meta["bucket_cap_mb"]["range"])
+        object.__setattr__(self, "inv_dtype", dtype_name("inv_dtype", self.inv_dtype, INV_DTYPES))
+        if self.factor_dtype is not None:
+            object.__setattr__(self, "factor_dtype", dtype_name("factor_dtype", self.factor_dtype, FACTOR_DTYPES))
+        object.__setattr__(self, "skip_layers", check_patterns("skip_layers", self.skip_layers))
+
+    def value(self, name: str, step: int) -> float:
+        """The value of a numeric option at K-FAC step ``step`` (a callable is called and its result checked)."""
+        current, allowed = getattr(self, name), range_of(name)
+        if callable(current):
+            return check_value(name, current(step), allowed, step)
+        return check_value(name, current, allowed)
+
+    def at_step(self, step: int) -> KFACOptions:
+        """These options with every callable replaced by its value at ``step``."""
+        values: dict[str, Any] = {
+            f.name: self.value(f.name, step) for f in dataclasses.fields(self) if callable(getattr(self, f.name))
+        }
+        return dataclasses.replace(self, **values)
+
+    def inverse_dtype(self) -> torch.dtype:
+        """``inv_dtype`` as a torch.dtype."""
+        return DTYPES[str(self.inv_dtype)]
+
+    def chosen_factor_dtype(self) -> torch.dtype | None:
+        """``factor_dtype`` as a torch.dtype, or None for the weights' dtype."""
+        return None if self.factor_dtype is None else DTYPES[str(self.factor_dtype)]
+
+    def to_dict(self) -> dict[str, object]:
+        """The options by name, in field order (callables as they are)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def range_of(option: str) -> Range:
+    """The allowed range of a numeric option of :class:`KFACOptions` or of :data:`LOOP_RANGES`."""
+    return LOOP_RANGES[option] if option in LOOP_RANGES else OPTION_FIELDS[option].metadata["range"]
+
+
+#: The fields of :class:`KFACOptions` by name (defaults, docs, ranges and choices in their metadata).
+OPTION_FIELDS: Mapping[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(KFACOptions)}
+
+
+class OptionOverrides(TypedDict, total=False):
+    """:class:`KFACOptions` fields as keyword arguments (``KFACPreconditioner(model, damping=0.1)``).
+
+    Types only: the defaults, ranges and docs are the fields' (tests/test_options.py checks the names agree).
+    """
+
+    factor_update_steps: IntHyper
+    inv_update_steps: IntHyper
+    damping: FloatHyper
+    factor_decay: FloatHyper
+    kl_clip: FloatHyper | None
+    compute_method: str
+    grad_worker_fraction: float | str
+    assignment: str
+    factor_comm: str
+    symmetric_comm: bool
+    bucket_cap_mb: float
+    inv_dtype: str | torch.dtype
+    factor_dtype: str | torch.dtype | None
+    skip_layers: Iterable[str] | str

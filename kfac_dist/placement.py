@@ -68,6 +68,9 @@ from typing import Any
 STRATEGIES: dict[str, float | None] = {"mem-opt": None, "hybrid-opt": 0.5, "comm-opt": 1.0}
 #: Allowed values of ``assignment``.
 ASSIGNMENTS = ("compute", "memory")
+#: The defaults of ``grad_worker_fraction`` and ``assignment`` (also ``KFACOptions``').
+DEFAULT_GRAD_WORKER_FRACTION = "comm-opt"
+DEFAULT_ASSIGNMENT = "compute"
 
 Broadcast = tuple[int, tuple[int, ...]]
 """A broadcast from ``src`` (first item) to the ranks of the second item."""
@@ -102,6 +105,18 @@ class LayerShape:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LayerShape.{key} must be an integer >= 1; got {value!r} (layer {self.name!r})")
+
+    def a_shape(self) -> tuple[int, ...]:
+        """Shape of the stored A factor: ``(blocks, a)`` when diagonal, else ``(blocks, a, a)``."""
+        return (self.blocks, self.a_side) if self.a_diagonal else (self.blocks, self.a_side, self.a_side)
+
+    def g_shape(self) -> tuple[int, ...]:
+        """Shape of the stored G factor, ``(blocks, g, g)``."""
+        return (self.blocks, self.g_side, self.g_side)
+
+    def grad_shape(self) -> tuple[int, ...]:
+        """Shape of the gradient matrix, ``(blocks, g, a)``."""
+        return (self.blocks, self.g_side, self.a_side)
 
 
 def compute_cost(shape: LayerShape) -> int:
@@ -311,8 +326,8 @@ def _cyclic_window_max(values: Sequence[int], width: int) -> list[int]:
 def build_plan(
     layers: Sequence[LayerShape],
     world_size: int,
-    grad_worker_fraction: float | str = "comm-opt",
-    assignment: str = "compute",
+    grad_worker_fraction: float | str = DEFAULT_GRAD_WORKER_FRACTION,
+    assignment: str = DEFAULT_ASSIGNMENT,
 ) -> Plan:
     """Place every layer on the ranks: owner, grad workers and gradient broadcasts (see the module docstring).
 

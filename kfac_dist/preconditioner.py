@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import Any, Unpack, cast
 
 import torch
 import torch.distributed as dist
@@ -13,27 +13,24 @@ from torch import nn
 from kfac_dist import curvature
 from kfac_dist.agreement import describe_options, option_differences
 from kfac_dist.comm import Communicator, LocalCommunicator, RendezvousTimeout, TorchDistCommunicator
-from kfac_dist.exchange import Exchange, ExchangeOptions
+from kfac_dist.exchange import Exchange, TensorFormat
 from kfac_dist.health import Health
+from kfac_dist.methods import Decomposition, get_method
 from kfac_dist.options import (
-    COMPUTE_METHODS,
-    FACTOR_COMMS,
     LOSS_REDUCTIONS,
     Hyper,
+    KFACOptions,
+    OptionOverrides,
     check_choice,
-    check_dtype,
     check_flag,
     check_hyper,
-    check_patterns,
-    resolve,
+    check_value,
+    range_of,
 )
 from kfac_dist.placement import Plan, build_plan, resolve_grad_worker_fraction
 from kfac_dist.registry import LayerState, common_dtype, describe_shapes, first_difference, register_layers, unwrap
 from kfac_dist.report import Report
 from kfac_dist.timing import PhaseTimer
-
-#: Default damping, in kfac-dist's factor scale (docs/conventions.md); chosen by measurement (docs/defaults.md).
-DEFAULT_DAMPING = 1.0
 
 #: Seconds `state_dict()` and `load_state_dict()` wait for every rank to call them before raising.
 STATE_TIMEOUT_S = 60.0
@@ -57,30 +54,16 @@ class KFACPreconditioner:
 
     Args:
         model: the model (a DistributedDataParallel wrapper is looked through).
-        factor_update_steps: factors are captured and updated on steps ``k`` with ``k % factor_update_steps == 0``.
-        inv_update_steps: decompositions are recomputed on steps ``k`` with ``k % inv_update_steps == 0``.
-        damping: Tikhonov damping added to the Kronecker-factored curvature (our factor scale, see docs/).
-        factor_decay: running-average decay of the factors, in [0, 1).
-        kl_clip: KL-clip bound (Ba et al. 2017), or None to disable clipping.
-        lr: learning rate used by KL-clip (pass the optimizer's).
-        compute_method: "eigen" (exact damped Kronecker inverse) or "inverse" (factored damping with pi).
+        options: K-FAC's options (:class:`kfac_dist.options.KFACOptions`: frequencies, damping, factor decay, KL-clip,
+            compute method, placement, communication, dtypes, skipped layers); default: every default.
+        lr: learning rate used by KL-clip (pass the optimizer's; a constant or a callable of the K-FAC step).
         loss_reduction: "mean" if the loss is the batch mean, "sum" if it is the batch sum.
         accumulation_steps: micro-batches per optimizer step (each micro-batch loss divided by this number).
         grad_scaler: a ``torch.amp.GradScaler`` or a callable returning the loss scale; G is unscaled with it.
-        factor_dtype: dtype of the factors (default: the weights' dtype, at least float32).
-        inv_dtype: dtype of the decompositions, float32 or float64.
-        skip_layers: glob patterns matched against module names and class names; matches are not preconditioned.
-        grad_worker_fraction: fraction f of ranks that precondition each layer's gradient, in (0, 1], or
-            "mem-opt" (1/W), "hybrid-opt" (0.5), "comm-opt" (1); see :mod:`kfac_dist.placement`.
-        assignment: "compute" or "memory": the cost that orders the placement of layers on ranks.
-        factor_comm: "owner" (factors are reduced to the rank that decomposes them) or "allreduce" (KAISA).
-        symmetric_comm: send symmetric matrices as upper triangles.
-        bucket_cap_mb: size of the fusion buckets of every exchange.
         communicator: how bytes move (default: torch.distributed if initialised, else one process).
         profile: record wall-clock seconds per K-FAC phase (:meth:`phase_times`, :mod:`kfac_dist.timing`).
-
-    Hyperparameters ``factor_update_steps``, ``inv_update_steps``, ``damping``, ``factor_decay``, ``kl_clip`` and
-    ``lr`` may be callables of the K-FAC step (the number of completed ``step()`` calls).
+        **overrides: any field of :class:`~kfac_dist.options.KFACOptions` by name, replacing its value in
+            ``options`` (``KFACPreconditioner(model, damping=0.1)``).
 
     Construction is collective: every rank must pass the same options (callables: the same value at step 0; see
     :mod:`kfac_dist.agreement`) and an equal model, else every rank raises `RuntimeError` naming what differs.
@@ -89,107 +72,69 @@ class KFACPreconditioner:
     def __init__(
         self,
         model: nn.Module,
+        options: KFACOptions | None = None,
         *,
-        factor_update_steps: Hyper = 1,
-        inv_update_steps: Hyper = 1,
-        damping: Hyper = DEFAULT_DAMPING,
-        factor_decay: Hyper = 0.95,
-        kl_clip: Hyper | None = 1e-3,
         lr: Hyper = 0.1,
-        compute_method: str = "eigen",
         loss_reduction: str = "mean",
         accumulation_steps: int = 1,
         grad_scaler: GradScaler | None = None,
-        factor_dtype: torch.dtype | None = None,
-        inv_dtype: torch.dtype = torch.float32,
-        skip_layers: Iterable[str] | str = (),
-        grad_worker_fraction: float | str = "comm-opt",
-        assignment: str = "compute",
-        factor_comm: str = "owner",
-        symmetric_comm: bool = True,
-        bucket_cap_mb: float = 25.0,
         communicator: Communicator | None = None,
         profile: bool = False,
+        **overrides: Unpack[OptionOverrides],
     ) -> None:
-        self.factor_update_steps = check_hyper("factor_update_steps", factor_update_steps)
-        self.inv_update_steps = check_hyper("inv_update_steps", inv_update_steps)
-        self.damping = check_hyper("damping", damping)
-        self.factor_decay = check_hyper("factor_decay", factor_decay)
-        self.kl_clip = None if kl_clip is None else check_hyper("kl_clip", kl_clip)
-        self.lr = check_hyper("lr", lr)
-        self.compute_method = check_choice("compute_method", compute_method, COMPUTE_METHODS)
+        if options is not None and not isinstance(options, KFACOptions):
+            raise ValueError(f"options must be a KFACOptions; got {type(options).__name__}")
+        self.options = replace(options or KFACOptions(), **cast(dict[str, Any], overrides))
+        self.method = get_method(self.options.compute_method)
+        self.lr = check_hyper("lr", lr, range_of("lr"))
         self.loss_reduction = check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
-        self.accumulation_steps = int(resolve("accumulation_steps", accumulation_steps, 0))
+        self.accumulation_steps = int(
+            check_value("accumulation_steps", accumulation_steps, range_of("accumulation_steps"))
+        )
         if grad_scaler is not None and not (callable(grad_scaler) or hasattr(grad_scaler, "get_scale")):
             raise ValueError(f"grad_scaler must be a torch.amp.GradScaler or a callable; got {grad_scaler!r}")
         self.grad_scaler = grad_scaler
-        floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-        chosen_factor_dtype = check_dtype("factor_dtype", factor_dtype, floats, allow_none=True)
-        checked_inv_dtype = check_dtype("inv_dtype", inv_dtype, (torch.float32, torch.float64), allow_none=False)
-        assert checked_inv_dtype is not None
-        self.inv_dtype: torch.dtype = checked_inv_dtype
-        self.skip_layers = check_patterns("skip_layers", skip_layers)
-        factor_comm = check_choice("factor_comm", factor_comm, FACTOR_COMMS)
-        symmetric_comm = check_flag("symmetric_comm", symmetric_comm)
-        bucket_cap_mb = float(resolve("bucket_cap_mb", bucket_cap_mb, 0))
+        self.inv_dtype = self.options.inverse_dtype()
         self.comm = communicator if communicator is not None else default_communicator()
-        fraction = resolve_grad_worker_fraction(grad_worker_fraction, self.comm.world_size)
-        options_used = {
-            "factor_update_steps": self.factor_update_steps,
-            "inv_update_steps": self.inv_update_steps,
-            "damping": self.damping,
-            "factor_decay": self.factor_decay,
-            "kl_clip": self.kl_clip,
+        fraction = resolve_grad_worker_fraction(self.options.grad_worker_fraction, self.comm.world_size)
+        options_used = self.options.to_dict() | {
+            "grad_worker_fraction": fraction,
             "lr": self.lr,
-            "compute_method": self.compute_method,
             "loss_reduction": self.loss_reduction,
             "accumulation_steps": self.accumulation_steps,
             "grad_scaler": grad_scaler,
-            "factor_dtype": chosen_factor_dtype,
-            "inv_dtype": self.inv_dtype,
-            "skip_layers": self.skip_layers,
-            "grad_worker_fraction": fraction,
-            "assignment": assignment,
-            "factor_comm": factor_comm,
-            "symmetric_comm": symmetric_comm,
-            "bucket_cap_mb": bucket_cap_mb,
         }
         disagreement = option_differences(self.comm.gather_strings(describe_options(options_used)))
         if disagreement is not None:  # before any collective whose shape depends on an option
             raise RuntimeError(disagreement)
 
         self.model = unwrap(model)
-        self._states, self._report = register_layers(self.model, self.skip_layers)
+        self._states, self._report = register_layers(self.model, self.options.skip_layers)
         self._grad_dtype = common_dtype(self._states, "model")
-        self._factor_dtype = chosen_factor_dtype or (
+        self._factor_dtype = self.options.chosen_factor_dtype() or (
             self._grad_dtype if self._grad_dtype in (torch.float32, torch.float64) else torch.float32
         )
         shapes = [state.shape() for state in self._states.values()]
         mismatch = first_difference(self.comm.gather_strings("\n".join(describe_shapes(shapes))))
         if mismatch is not None:
             raise RuntimeError(mismatch)
-        self._plan = build_plan(shapes, self.comm.world_size, fraction, assignment)
+        self._plan = build_plan(shapes, self.comm.world_size, fraction, self.options.assignment)
         self.comm.check_same(self._plan.fingerprint(), "K-FAC plan fingerprint")
         self.comm.create_groups(self._plan.groups())
-        options = ExchangeOptions(
-            factor_comm=factor_comm,
-            symmetric_comm=symmetric_comm,
-            bucket_cap_mb=bucket_cap_mb,
-            compute_method=self.compute_method,
+        tensors = TensorFormat(
             factor_dtype=self._factor_dtype,
             inv_dtype=self.inv_dtype,
             grad_dtype=self._grad_dtype,
             device=next(iter(self._states.values())).layer.parameters()[0].device,
         )
-        grad_shapes = {name: state.grad_shape() for name, state in self._states.items()}
-        self._exchange = Exchange(self._plan, shapes, grad_shapes, self.comm, options)
+        self._exchange = Exchange(self._plan, shapes, self.comm, self.options, tensors)
 
         self.steps = 0
         self._forward_passes = 0
         self._passes_this_step = 0
         self._force_inverse = False
         self._health = Health()
-        self._timer = PhaseTimer(check_flag("profile", profile), options.device)
+        self._timer = PhaseTimer(check_flag("profile", profile), tensors.device)
         self._handles = [self.model.register_forward_pre_hook(self._count_forward_pass)]
         self._handles += [
             state.layer.module.register_forward_hook(partial(self._capture_input, state))
@@ -205,10 +150,10 @@ class KFACPreconditioner:
 
     # ----------------------------------------------------------------------------------------------- capture
     def _is_factor_step(self, step: int) -> bool:
-        return step % int(resolve("factor_update_steps", self.factor_update_steps, step)) == 0
+        return step % int(self.options.value("factor_update_steps", step)) == 0
 
     def _is_inverse_step(self, step: int) -> bool:
-        return step % int(resolve("inv_update_steps", self.inv_update_steps, step)) == 0
+        return step % int(self.options.value("inv_update_steps", step)) == 0
 
     def _count_forward_pass(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self._forward_passes += 1
@@ -260,7 +205,7 @@ class KFACPreconditioner:
                 "KFACPreconditioner.step() found no gradient on any preconditioned layer: "
                 "call loss.backward() before pre.step()"
             )
-        damping = resolve("damping", self.damping, step)
+        damping = self.options.value("damping", step)
         if self._capturing:
             self._update_factors(step)
         if self._is_inverse_step(step) or self._force_inverse:
@@ -279,7 +224,7 @@ class KFACPreconditioner:
         with self._timer.phase("factor_communication"):
             reduced = self._exchange.reduce_factors()
         with self._timer.phase("factor_update"):
-            self._fold_in(reduced, resolve("factor_decay", self.factor_decay, step))
+            self._fold_in(reduced, self.options.value("factor_decay", step))
         for state in self._states.values():
             state.accumulator.clear()
             state.sent = False
@@ -300,13 +245,13 @@ class KFACPreconditioner:
 
     def _update_decompositions(self, damping: float) -> None:
         """Owners decompose their layers' factors; grad workers receive the decompositions."""
-        owned: dict[str, curvature.Decomposition | None] = {}
+        owned: dict[str, Decomposition | None] = {}
         with self._timer.phase("decomposition"):
             for name in self._plan.layers_owned_by(self.comm.rank):
                 state = self._states[name]
                 if state.a is not None and state.g is not None:
                     state.decomposition = self._health.decompose(
-                        state, method=self.compute_method, damping=damping, dtype=self.inv_dtype
+                        state, method=self.method, damping=damping, dtype=self.inv_dtype
                     )
                 owned[name] = state.decomposition
         with self._timer.phase("decomposition_broadcast"):
@@ -321,7 +266,7 @@ class KFACPreconditioner:
             for name in self._plan.layers_worked_by(self.comm.rank):
                 state = self._states[name]
                 if state.decomposition is not None and state.layer.has_grad():
-                    matrix = curvature.precondition(state.decomposition, state.layer.grad_matrix(), damping)
+                    matrix = self.method.precondition(state.decomposition, state.layer.grad_matrix(), damping)
                     computed[name] = matrix.to(self._grad_dtype)
         with self._timer.phase("gradient_broadcast"):
             received = self._exchange.share_gradients(computed)
@@ -346,9 +291,10 @@ class KFACPreconditioner:
         # is NaN/Inf when any preconditioned or raw gradient is (then so is what is written); without, from a
         # float64 sum of what is written.
         inner = None
-        if self.kl_clip is not None:
+        if self.options.kl_clip is not None:
             inner = curvature.kl_inner(preconditioned, raw)
-            scale = curvature.kl_clip_scale(inner, resolve("lr", self.lr, step), resolve("kl_clip", self.kl_clip, step))
+            lr = check_value("lr", self.lr(step), range_of("lr"), step) if callable(self.lr) else float(self.lr)
+            scale = curvature.kl_clip_scale(inner, lr, self.options.value("kl_clip", step))
             preconditioned = [p * scale.to(p.dtype) for p in preconditioned]
         written = []
         for state, result, grad in zip(states, preconditioned, raw, strict=True):
@@ -388,10 +334,8 @@ class KFACPreconditioner:
         of the last factor step's reduction (the batch factors of every layer, packed with ``symmetric_comm``;
         each layer's full-square sums are freed as soon as they are copied in).
         """
-        factors = sum(_nbytes(t) for s in self._states.values() for t in (s.a, s.g) if t is not None)
-        decompositions = sum(
-            _nbytes(t) for s in self._states.values() if s.decomposition is not None for t in s.decomposition.tensors()
-        )
+        factors = sum(t.nbytes for s in self._states.values() for t in (s.a, s.g) if t is not None)
+        decompositions = sum(s.decomposition.nbytes() for s in self._states.values() if s.decomposition is not None)
         return {"factors": factors, "decompositions": decompositions, "buffers": self._exchange.factor_buffer_bytes}
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -443,7 +387,7 @@ class KFACPreconditioner:
         return {
             "steps": self.steps,
             "factors": {name: {"A": a, "G": g} for name, (a, g) in factors.items()},
-            "compute_method": self.compute_method,
+            "compute_method": self.options.compute_method,
             "decompositions": self._exchange.gather_decompositions(owned),
             "health": self._health.totals(),
         }
@@ -465,16 +409,16 @@ class KFACPreconditioner:
         for name, state in self._states.items():
             entry = factors.get(name)
             if entry is not None:
-                _check_shape(name, "A", entry["A"], state.a_shape())
-                _check_shape(name, "G", entry["G"], state.g_shape())
+                _check_shape(name, "A", entry["A"], state.shape().a_shape())
+                _check_shape(name, "G", entry["G"], state.shape().g_shape())
             if entry is None or not self._exchange.keeps_factors(name):
                 state.a = state.g = None
             else:
                 # On the model's device, whatever device the state was saved or loaded on (map_location="cpu").
-                device = self._exchange.options.device
+                device = self._exchange.tensors.device
                 state.a = entry["A"].to(device=device, dtype=self._factor_dtype, copy=True)
                 state.g = entry["G"].to(device=device, dtype=self._factor_dtype, copy=True)
-        saved = state_dict.get("decompositions", {}) if state_dict.get("compute_method") == self.compute_method else {}
+        saved = state_dict.get("decompositions", {}) if state_dict.get("compute_method") == self.method.name else {}
         worked = set(self._plan.layers_worked_by(self.comm.rank))
         missing = False
         for name, state in self._states.items():
@@ -502,10 +446,6 @@ class KFACPreconditioner:
                 f"KFACPreconditioner.{what} is collective and must be called on every rank, as each layer's "
                 f"factors live on the rank that owns it, but {error.detail}. Call it on every rank and {advice}"
             ) from error
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 def _squeeze(factor: torch.Tensor | None) -> torch.Tensor:

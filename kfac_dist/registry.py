@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kfac_dist import curvature
 from kfac_dist.capture import FactorAccumulator
-from kfac_dist.layers import KFACLayer, has_trainable_parameters, make_layer
+from kfac_dist.layers import LAYER_TYPES, KFACLayer, has_trainable_parameters, make_layer
+from kfac_dist.methods import Decomposition
 from kfac_dist.placement import LayerShape
 from kfac_dist.report import Report
 
@@ -23,7 +23,7 @@ class LayerState:
     accumulator: FactorAccumulator
     a: torch.Tensor | None = None
     g: torch.Tensor | None = None
-    decomposition: curvature.Decomposition | None = None
+    decomposition: Decomposition | None = None
     fired: bool = False
     sent: bool = False
     logged: set[str] = field(default_factory=set)
@@ -44,19 +44,6 @@ class LayerState:
             blocks=layer.blocks,
             a_diagonal=layer.a_diagonal,
         )
-
-    def a_shape(self) -> tuple[int, ...]:
-        """Shape of the stored A factor: ``(blocks, n)`` when diagonal, else ``(blocks, n, n)``."""
-        blocks, side = self.layer.blocks, self.layer.a_side
-        return (blocks, side) if self.layer.a_diagonal else (blocks, side, side)
-
-    def g_shape(self) -> tuple[int, ...]:
-        """Shape of the stored G factor, ``(blocks, m, m)``."""
-        return (self.layer.blocks, self.layer.g_side, self.layer.g_side)
-
-    def grad_shape(self) -> tuple[int, ...]:
-        """Shape of the gradient matrix, ``(blocks, m, n)``."""
-        return (self.layer.blocks, self.layer.g_side, self.layer.a_side)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -88,7 +75,8 @@ def register_layers(model: nn.Module, skip_layers: tuple[str, ...]) -> tuple[dic
         states[name] = LayerState(layer, FactorAccumulator(layer))
     if not states:
         raise ValueError(
-            "the model has no module K-FAC can precondition (supported: Linear, Conv1d, Conv2d, Embedding); "
+            "the model has no module K-FAC can precondition "
+            f"(supported: {', '.join(t.__name__ for t in LAYER_TYPES)}; see kfac_dist.register_layer_type); "
             f"skipped: {sorted(report.skipped) or 'none'}, unsupported: {sorted(report.unsupported) or 'none'}"
         )
     return states, report

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kfac_dist.app.models import build_model
 from kfac_dist.layers import make_layer
 from kfac_dist.layers.base import KFACLayer
-from kfac_dist.models import build_model
 
 
 def top_eigenvalue(matrix: torch.Tensor, iterations: int = 100) -> float:

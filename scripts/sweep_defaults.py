@@ -20,7 +20,7 @@ from torch import nn
 
 from kfac_dist import KFACPreconditioner
 from kfac_dist.app.data.mnist import load_mnist_5k
-from kfac_dist.models import build_model
+from kfac_dist.app.models import build_model
 
 
 def train(steps: int, lr: float, damping: float | None, kl_clip: float | None, seed: int) -> dict[str, float]:

@@ -29,12 +29,12 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 from distributed_cases import (
-    FACTOR_UPDATE_STEPS,
-    INV_UPDATE_STEPS,
+    BASE_OPTIONS,
     LOCAL_BATCH,
     STEPS,
     Case,
@@ -176,18 +176,7 @@ def check_ops_on(comm: Communicator) -> list[str]:
 def train(backend: Backend, comm: Communicator, case: Case, rank: int, world: int) -> tuple[nn.Module, Any]:
     """tests/distributed_cases.py's training loop, gradients averaged through the backend."""
     model = make_model()
-    pre = KFACPreconditioner(
-        model,
-        factor_update_steps=FACTOR_UPDATE_STEPS,
-        inv_update_steps=INV_UPDATE_STEPS,
-        damping=0.05,
-        kl_clip=2e-3,
-        lr=0.1,
-        factor_decay=0.8,
-        inv_dtype=torch.float64,
-        communicator=comm,
-        **case.options(),
-    )
+    pre = KFACPreconditioner(model, replace(BASE_OPTIONS, **case.options()), lr=0.1, communicator=comm)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
     for step in range(STEPS):
         x, y = global_batch(step, world)
@@ -202,16 +191,15 @@ def train(backend: Backend, comm: Communicator, case: Case, rank: int, world: in
 
 def check_case(backend: Backend, case: Case, rank: int, world: int, reference: list[torch.Tensor]) -> list[str]:
     """One K-FAC configuration: parameters vs. one process; bytes and memory vs. the closed form."""
-    options = case.options()
     model, pre = train(backend, backend.make_comm(), case, rank, world)
     problems = []
     error = max_relative_error([p.detach() for p in model.parameters()], reference)
     if not error < TOLERANCE:
         problems.append(f"{case}: relative error {error:.3e} >= {TOLERANCE}")
     stats = {c: v for c, v in pre.comm_stats().items() if v["sent"] or v["received"]}
-    if stats != (want := expected_bytes(pre, options, rank)):
+    if stats != (want := expected_bytes(pre, rank)):
         problems.append(f"{case}: comm_stats {stats} != closed form {want}")
-    if (memory := pre.memory_usage()) != (want_memory := expected_memory(pre, options, rank)):
+    if (memory := pre.memory_usage()) != (want_memory := expected_memory(pre, rank)):
         problems.append(f"{case}: memory_usage {memory} != closed form {want_memory}")
     return problems
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -12,11 +12,21 @@ from torch import nn
 
 from kfac_dist import KFACPreconditioner
 from kfac_dist.comm import Communicator, LocalCommunicator
+from kfac_dist.options import KFACOptions
 
 STEPS = 7
 LOCAL_BATCH = 4
 FACTOR_UPDATE_STEPS = 2
 INV_UPDATE_STEPS = 3
+#: The options every case shares; a case changes the placement and communication ones.
+BASE_OPTIONS = KFACOptions(
+    factor_update_steps=FACTOR_UPDATE_STEPS,
+    inv_update_steps=INV_UPDATE_STEPS,
+    damping=0.05,
+    kl_clip=2e-3,
+    factor_decay=0.8,
+    inv_dtype=torch.float64,
+)
 
 
 def make_model() -> nn.Sequential:
@@ -78,18 +88,7 @@ def train(
     data_world_size: int | None = None,
 ) -> KFACPreconditioner:
     """STEPS steps of SGD + K-FAC on this rank's share of each global batch (made for ``data_world_size`` ranks)."""
-    pre = KFACPreconditioner(
-        model,
-        factor_update_steps=FACTOR_UPDATE_STEPS,
-        inv_update_steps=INV_UPDATE_STEPS,
-        damping=0.05,
-        kl_clip=2e-3,
-        lr=0.1,
-        factor_decay=0.8,
-        inv_dtype=torch.float64,
-        communicator=comm,
-        **options,
-    )
+    pre = KFACPreconditioner(model, replace(BASE_OPTIONS, **options), lr=0.1, communicator=comm)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
     share = LOCAL_BATCH * (data_world_size or world_size) // world_size
     for step in range(STEPS):

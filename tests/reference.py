@@ -413,9 +413,7 @@ def assert_rel_close(got: Tensor, expected: Tensor, rtol: float = 1e-6, what: st
     """Elementwise ``|got - expected| <= rtol |expected| + 1e-3 rtol max|expected|`` (compared in float64)."""
     assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
     atol = 1e-3 * rtol * float(expected.abs().max()) + 1e-300
-    torch.testing.assert_close(
-        got.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}"
-    )
+    torch.testing.assert_close(got.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 class StepFactors(Protocol):

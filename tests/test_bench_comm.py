@@ -14,13 +14,15 @@ from typing import Any
 import pytest
 import torch
 
+from kfac_dist.app import bench
 from kfac_dist.app.bench import comm
-from kfac_dist.app.bench.gloo_runs import ProxySpec
-from kfac_dist.models import build_model
+from kfac_dist.app.bench.common import ModelSpec
+from kfac_dist.app.bench.gloo_runs import check_against_planner, step_kind
+from kfac_dist.app.models import build_model
 from kfac_dist.planner import layer_shapes, plan_model
 
 FLOAT32 = 4
-TINY_PROXY = ProxySpec("small_cnn", {"num_classes": 10}, (1, 28, 28))
+TINY_PROXY = ModelSpec("small_cnn", {"num_classes": 10}, (1, 28, 28))
 
 
 def _factor_bytes(model: str, triangles: bool) -> int:
@@ -35,7 +37,7 @@ def _factor_bytes(model: str, triangles: bool) -> int:
 
 @pytest.fixture(scope="module")
 def resnet50_w8() -> list[dict[str, Any]]:
-    return comm.planner_sweep("resnet50", [8], log=lambda line: None)
+    return comm.planner_sweep(comm.PLANNED.build_meta(), [8], log=lambda line: None)
 
 
 def test_kaisa_factor_traffic_is_a_full_allreduce_of_every_factor(resnet50_w8: list[dict[str, Any]]) -> None:
@@ -71,7 +73,7 @@ def test_ours_moves_and_holds_less_than_kaisa(resnet50_w8: list[dict[str, Any]])
 
 
 def test_step_kinds_follow_the_schedule() -> None:
-    kinds = [comm.step_kind(step, (10, 100)) for step in range(100)]
+    kinds = [step_kind(step, (10, 100)) for step in range(100)]
     assert kinds[0] == "inverse"
     assert kinds.count("factor") == 9 and kinds.count("inverse") == 1 and kinds.count("plain") == 90
 
@@ -87,28 +89,30 @@ def test_real_runs_equal_the_planner_and_a_changed_byte_is_caught() -> None:
         assert row["compared"] > 11 * 2 * 6
 
     # the comparison itself: planner-made records pass, one byte more on one rank fails, named
-    report = plan_model(
-        TINY_PROXY.build_meta(), 2, grad_worker_fraction="comm-opt", factor_update_steps=10, inv_update_steps=100
-    )
+    report = plan_model(TINY_PROXY.build_meta(), 2, comm.options("comm-opt", "ours"))
     fake = [
         {"plan": report.plan.to_dict(), "memory": dict(report.memory[rank]), "steps": _planned_steps(report, rank)}
         for rank in range(2)
     ]
-    assert comm.check_against_planner(fake, report)["equal"]
+    assert check_against_planner(fake, report)["equal"]
     fake[1]["steps"][3]["factor_reduce"]["sent"] += 1
-    check = comm.check_against_planner(fake, report)
+    check = check_against_planner(fake, report)
     assert not check["equal"]
-    planned = report.step_bytes[comm.step_kind(3)][1]["factor_reduce"]["sent"]  # a plain step: 0
+    planned = report.step_bytes[step_kind(3, comm.FREQ)][1]["factor_reduce"]["sent"]  # a plain step: 0
     assert check["mismatches"] == [f"rank 1 step 3 factor_reduce sent: recorded {planned + 1}, planner {planned}"]
 
 
 def _planned_steps(report: Any, rank: int, steps: int = 11) -> list[dict[str, dict[str, int]]]:
-    return [{c: dict(v) for c, v in report.step_bytes[comm.step_kind(step)][rank].items()} for step in range(steps)]
+    return [
+        {c: dict(v) for c, v in report.step_bytes[step_kind(step, comm.FREQ)][rank].items()} for step in range(steps)
+    ]
 
 
 def test_command_line_writes_json_markdown_and_plot(tmp_path: Path) -> None:
     out = tmp_path / "comm"
-    code = comm.main(["--world-sizes", "8", "--check-world-sizes", "2", "--check-steps", "2", "--out", str(out)])
+    code = bench.main(
+        ["comm", "--world-sizes", "8", "--check-world-sizes", "2", "--check-steps", "2", "--out", str(out)]
+    )
     assert code == 0
     results = json.loads(out.with_suffix(".json").read_text())
     assert [row["world_size"] for row in results["planner"]] == [8, 8, 8]

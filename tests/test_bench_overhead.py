@@ -14,12 +14,18 @@ from typing import Any
 import pytest
 import torch
 
-from kfac_dist.app.bench import overhead, overhead_flops, overhead_report
+from kfac_dist.app import bench
+from kfac_dist.app.bench import overhead_flops, overhead_report
+from kfac_dist.app.bench.arms import Arm
+from kfac_dist.app.bench.common import ModelSpec
 from kfac_dist.app.bench.overhead import Settings, run_benchmark
-from kfac_dist.app.bench.overhead_runs import PHASES, TOLERANCE, Arm, ModelSpec, block_steps
+from kfac_dist.app.bench.overhead_runs import PHASES, TOLERANCE, Workload, block_steps
+from kfac_dist.options import KFACOptions
 
-TINY_MLP = ModelSpec("tiny MLP", "mlp", (1, 8, 8), 16, 10, {"in_features": 64, "hidden": (32,)})
-TINY_CNN = ModelSpec("tiny CNN", "small_cnn", (1, 28, 28), 8, 10)
+TINY_MLP = Workload(
+    "tiny MLP", ModelSpec("mlp", {"in_features": 64, "hidden": (32,), "num_classes": 10}, (1, 8, 8)), 16
+)
+TINY_CNN = Workload("tiny CNN", ModelSpec("small_cnn", {"num_classes": 10}, (1, 28, 28)), 8)
 FREQS = [(1, 1), (2, 4)]
 
 
@@ -82,18 +88,17 @@ def test_block_is_whole_inverse_periods() -> None:
 
 
 def test_arms_share_initial_weights_and_blocks_start_on_inverse_steps() -> None:
-    torch.manual_seed(0)
-    model = TINY_MLP.build()
+    model = TINY_MLP.model.build(0)
     batches = [(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))) for _ in range(2)]
-    sgd = Arm("sgd", model, 0.01, None, (2, 4))
-    kfac = Arm("eigen", TINY_MLP.build(), 0.01, "eigen", (2, 4))
+    sgd = Arm("sgd", model, batches, None)
+    kfac = Arm("eigen", TINY_MLP.model.build(1), batches, KFACOptions(factor_update_steps=2, inv_update_steps=4))
     kfac.model.load_state_dict(model.state_dict())
     for arm in (sgd, kfac):
-        arm.run(batches, 3)
-        arm.rebuild(profile=False)
+        arm.run(3)
+        arm.rebuild(profile=False, align=True)
     assert kfac.pre is not None and kfac.pre.steps == 4
-    kfac.rebuild(profile=True)
-    times = kfac.run(batches, 4)
+    kfac.rebuild(profile=True, align=True)
+    times = kfac.run(4)
     assert kfac.pre.steps == 8 and kfac.position == sgd.position + 4
     assert times.library["decomposition"] > 0  # the block started on an inverse step
 
@@ -103,7 +108,7 @@ def test_command_line_outputs(tmp_path: Path) -> None:
     out = tmp_path / "overhead"
     argv = ["--models", "mlp", "--freqs", "1,1", "2,4", "--methods", "inverse", "--rounds", "1"]
     argv += ["--min-block-steps", "2", "--warmup-steps", "1", "--out", str(out)]
-    assert overhead.main(argv) == 0
+    assert bench.main(["overhead", *argv]) == 0
     results = json.loads(out.with_suffix(".json").read_text())
     assert results["meta"]["threads"] == 1
     assert results["meta"]["command"].startswith("kfac-dist bench overhead --models mlp --freqs 1,1 2,4")

@@ -19,12 +19,13 @@ from typing import Any
 
 import pytest
 
+from kfac_dist.app import bench
 from kfac_dist.app.bench import scaling, scaling_report
-from kfac_dist.app.bench.gloo_runs import ProxySpec
-from kfac_dist.app.bench.scaling import FRACTIONS, Settings, kernels_from, network_from, overheads_from, step_model
+from kfac_dist.app.bench.common import PROXY, ModelSpec
+from kfac_dist.app.bench.scaling import Settings, kernels_from, network_from, overheads_from, step_model
 from kfac_dist.app.bench.scaling_model import (
+    FRACTIONS,
     KFAC_PHASES,
-    LAYER_PHASES,
     PHASES,
     Kernels,
     LinearFit,
@@ -36,7 +37,9 @@ from kfac_dist.app.bench.scaling_model import (
 )
 from kfac_dist.app.bench.scaling_runs import collective_worker
 from kfac_dist.app.processes import GlooRunError, run_gloo
+from kfac_dist.options import KFACOptions
 from kfac_dist.planner import plan_model
+from kfac_dist.work import LAYER_PHASES
 
 OPS = ("allreduce", "reduce", "broadcast")
 ZERO = LinearFit(0.0, 0.0)
@@ -54,9 +57,9 @@ SLOW = Network("slow", dict.fromkeys(OPS, 1e-3), dict.fromkeys(OPS, 1e-8))
 FAST = Network("fast", dict.fromkeys(OPS, 1e-5), dict.fromkeys(OPS, 1e-10))
 #: One second per byte of the busiest member, no latency: the model's exchange times are byte counts.
 PER_BYTE = Network("per byte", dict.fromkeys(OPS, 0.0), dict.fromkeys(OPS, 1.0))
-CNN = ProxySpec("small_cnn", {"num_classes": 10}, (1, 28, 28))
+CNN = ModelSpec("small_cnn", {"num_classes": 10}, (1, 28, 28))
 TINY = Settings(
-    proxy=ProxySpec("mlp", {"in_features": 64, "hidden": (32,), "num_classes": 10}, (1, 8, 8)),
+    proxy=ModelSpec("mlp", {"in_features": 64, "hidden": (32,), "num_classes": 10}, (1, 8, 8)),
     world_sizes=[1, 2],
     weak_batch=8,
     strong_global=8,
@@ -215,7 +218,7 @@ def test_exchanged_bytes_are_the_planners(cnn: StepModel, fraction: str) -> None
     """At W = 2 a reduce or broadcast of n bytes moves n bytes through its busiest member and 1.5 n through
     every member (sent + received): the model's per-byte times are 2/3 of the planner's bytes per rank."""
     model = dataclasses.replace(cnn, freq=(1, 1))
-    report = plan_model(CNN.build_meta(), 2, grad_worker_fraction=fraction)
+    report = plan_model(CNN.build_meta(), 2, KFACOptions(grad_worker_fraction=fraction))
     predicted = predict_kfac(model, 2, 8, NO_KERNELS, PER_BYTE, fraction=FRACTIONS[fraction](2))["inverse"]
     phase_of = {
         "factor_reduce": "factor_communication",
@@ -249,7 +252,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[st
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(scaling, "settings_from_args", tiny_settings)
-        assert scaling.main(argv) == 0
+        assert bench.main(["scaling", *argv]) == 0
     yield json.loads(out.with_suffix(".json").read_text()), out
 
 
@@ -361,8 +364,8 @@ def test_a_run_past_its_timeout_is_killed() -> None:
 
 
 def test_only_convolutions_wider_than_1x1_are_priced_with_an_unfold() -> None:
-    model = step_model(ProxySpec(), (10, 100))  # ResNet-50 at width 1/8
-    unfolded = sorted(layer.name for layer in model.layers if layer.im2col)
+    model = step_model(PROXY, (10, 100))  # ResNet-50 at width 1/8
+    unfolded = sorted(layer.shape.name for layer in model.layers if layer.unfold)
     assert len(model.layers) == 54
     assert unfolded == sorted(
         ["conv1", *(f"layer{s}.{b}.conv2" for s, n in enumerate((3, 4, 6, 3), 1) for b in range(n))]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from kfac_dist.app.cli import main
+from kfac_dist.options import KFACOptions
 from kfac_dist.planner import plan_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,9 +167,8 @@ def test_user_model_equals_plan_model_on_the_same_model(capsys: pytest.CaptureFi
     options = ["--grad-worker-fraction", "0.5", "--factor-update-steps", "2", "--inv-update-steps", "6"]
     data, _ = plan_json(capsys, "--model", f"{user_module}:build", "--world-size", "4", "--num-classes", "7", *options)
     module = sys.modules[user_module]
-    expected = plan_model(
-        module.build(num_classes=7), 4, grad_worker_fraction=0.5, factor_update_steps=2, inv_update_steps=6
-    )
+    planned = KFACOptions(grad_worker_fraction=0.5, factor_update_steps=2, inv_update_steps=6)
+    expected = plan_model(module.build(num_classes=7), 4, planned)
     assert data["model"] == f"{user_module}:build"
     assert numbers(data) == numbers(json.loads(json.dumps(expected.to_dict())))
     assert [layer["g_side"] for layer in data["layers"]] == [8, 8, 32, 7]

@@ -12,7 +12,7 @@ import torch
 from kfac_dist.app.checkpoint import load_checkpoint
 from kfac_dist.app.cli import main
 from kfac_dist.app.config import load_config
-from kfac_dist.models import build_model
+from kfac_dist.app.models import build_model
 
 
 def test_print_config_shows_the_embedded_default(capsys: pytest.CaptureFixture[str]) -> None:

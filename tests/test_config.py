@@ -21,6 +21,7 @@ from kfac_dist.app.config import (
     load_config,
     lr_scale,
 )
+from kfac_dist.options import KFACOptions
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
@@ -318,7 +319,7 @@ def test_overrides_apply_in_order_and_over_the_file(tmp_path):
 def test_mapping_override_sets_only_the_keys_it_names(tmp_path):
     path = write(tmp_path, "kfac:\n  damping_schedule: {milestones: [5], values: [0.5]}\n")
     cfg = load_config(path, ["kfac={damping: 0.2}", "kfac.damping_schedule={values: [0.25]}"])
-    assert cfg.kfac.damping == 0.2 and cfg.kfac.inv_update_steps == 10
+    assert cfg.kfac.damping == 0.2 and cfg.kfac.inv_update_steps == KFACOptions().inv_update_steps
     assert cfg.kfac.damping_schedule == ScheduleConfig(milestones=(5,), values=(0.25,))
 
 
@@ -439,6 +440,7 @@ def test_update_frequency_schedules_are_ints():
         None,
         [
             "kfac.factor_update_steps=10",
+            "kfac.inv_update_steps=10",
             "kfac.factor_update_steps_schedule={milestones: [2], values: [100]}",
             "kfac.inv_update_steps_schedule={milestones: [1, 3], values: [20, 40]}",
         ],

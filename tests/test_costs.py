@@ -3,6 +3,7 @@ amortised bytes, memory and decomposition load."""
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from fractions import Fraction
 
@@ -11,14 +12,16 @@ import pytest
 from kfac_dist.comm.accounting import collective_bytes
 from kfac_dist.costs import (
     CATEGORIES,
+    ElementBytes,
     amortised_bytes,
-    decomposition_comm_numel,
     decomposition_load,
     factor_comm_numel,
     factor_storage_numel,
     memory_bytes,
     step_bytes,
 )
+from kfac_dist.methods import METHODS
+from kfac_dist.options import OPTION_FIELDS, KFACOptions
 from kfac_dist.placement import LayerPlan, LayerShape, Plan, build_plan, compute_cost
 
 # Two layers, W = 2. fc1: A 3x3 (2 inputs + bias), G 2x2, 6 gradient elements; fc2: A 2x2, G 4x4, 8 elements.
@@ -26,9 +29,7 @@ FC1 = LayerShape("fc1", 3, 2, grad_numel=6)
 FC2 = LayerShape("fc2", 2, 4, grad_numel=8)
 TINY = [FC1, FC2]
 # mem-opt: fc1 on rank 0, fc2 on rank 1, each sends its preconditioned gradient to the other rank.
-MEM_OPT = Plan(
-    2, 0.5, 1, "compute", (LayerPlan("fc1", 0, (0,), ((0, (1,)),)), LayerPlan("fc2", 1, (1,), ((1, (0,)),)))
-)
+MEM_OPT = Plan(2, 0.5, 1, "compute", (LayerPlan("fc1", 0, (0,), ((0, (1,)),)), LayerPlan("fc2", 1, (1,), ((1, (0,)),))))
 # comm-opt: both ranks are grad workers of both layers; no gradient broadcast.
 COMM_OPT = Plan(2, 1.0, 2, "compute", (LayerPlan("fc1", 0, (0, 1)), LayerPlan("fc2", 1, (0, 1))))
 
@@ -45,7 +46,7 @@ def test_tiny_plans_are_what_build_plan_gives() -> None:
 
 
 def test_tiny_mem_opt_by_hand() -> None:
-    got = flat(step_bytes(MEM_OPT, TINY, factor_bytes=4, inv_bytes=4, grad_bytes=2))
+    got = flat(step_bytes(MEM_OPT, TINY, sizes=ElementBytes(factor=4, inv=4, grad=2)))
     # Factors as triangles: fc1 3*4/2 + 2*3/2 = 9 elements = 36 B, fc2 2*3/2 + 4*5/2 = 13 elements = 52 B,
     # reduced to their owners over (0, 1): one bucket per owner. Chunks of 52 B: 26, 26; of 36 B: 18, 18.
     # Reduce of n to root r: the root sends n - c_r and receives 2 (n - c_r); the other sends n, receives n - c_p.
@@ -60,19 +61,19 @@ def test_tiny_mem_opt_by_hand() -> None:
     assert got[0, "gradient_broadcast"] == (12 + 8, 6 + 16)
     assert got[1, "gradient_broadcast"] == (6 + 16, 12 + 8)
     # A plain step moves only gradients.
-    plain = flat(step_bytes(MEM_OPT, TINY, factor_step=False, inverse_step=False, grad_bytes=2))
+    plain = flat(step_bytes(MEM_OPT, TINY, factor_step=False, inverse_step=False, sizes=ElementBytes(grad=2)))
     assert plain[0, "factor_reduce"] == (0, 0) and plain[0, "gradient_broadcast"] == (20, 22)
     # Full squares instead of triangles: fc1 9 + 4 = 13 elements = 52 B (root 0), fc2 4 + 16 = 20 = 80 B.
-    square = flat(step_bytes(MEM_OPT, TINY, symmetric_comm=False))
+    square = flat(step_bytes(MEM_OPT, TINY, KFACOptions(symmetric_comm=False)))
     assert square[0, "factor_reduce"] == (80 + 26, 40 + 52)
     # Sizes that do not split evenly: 1-byte factors, fc2 13 B (chunks 7, 6), fc1 9 B (chunks 5, 4).
-    odd = flat(step_bytes(MEM_OPT, TINY, factor_bytes=1))
+    odd = flat(step_bytes(MEM_OPT, TINY, sizes=ElementBytes(factor=1)))
     assert odd[0, "factor_reduce"] == (13 + (9 - 5), (13 - 7) + 2 * (9 - 5))  # non-root of 13, root of 9
     assert odd[1, "factor_reduce"] == ((13 - 6) + 9, 2 * (13 - 6) + (9 - 4))  # root of 13, non-root of 9
 
 
 def test_tiny_comm_opt_by_hand() -> None:
-    got = flat(step_bytes(COMM_OPT, TINY, factor_bytes=2, inv_bytes=4, grad_bytes=4))
+    got = flat(step_bytes(COMM_OPT, TINY, sizes=ElementBytes(factor=2, inv=4, grad=4)))
     # 2-byte factors: fc2 26 B to rank 1 (chunks 13), fc1 18 B to rank 0 (chunks 9).
     assert got[0, "factor_reduce"] == (26 + 9, 13 + 18) and got[1, "factor_reduce"] == (13 + 18, 26 + 9)
     # eigen: Q_A a^2, l_A a, Q_G g^2, l_G g (4 B each), broadcast from the owner over (0, 1).
@@ -82,12 +83,12 @@ def test_tiny_comm_opt_by_hand() -> None:
     assert got[1, "decomposition_broadcast"] == (104 + 36, 52 + 72)
     assert got[0, "gradient_broadcast"] == got[1, "gradient_broadcast"] == (0, 0)
     # inverse: A^-1, G^-1 as triangles (fc1 6 + 3 = 36 B, fc2 3 + 10 = 52 B) or squares (52 B, 80 B).
-    inv = flat(step_bytes(COMM_OPT, TINY, compute_method="inverse"))
+    inv = flat(step_bytes(COMM_OPT, TINY, KFACOptions(compute_method="inverse")))
     assert inv[0, "decomposition_broadcast"] == (36 + 26, 18 + 52)
-    inv_sq = flat(step_bytes(COMM_OPT, TINY, compute_method="inverse", symmetric_comm=False))
+    inv_sq = flat(step_bytes(COMM_OPT, TINY, KFACOptions(compute_method="inverse", symmetric_comm=False)))
     assert inv_sq[0, "decomposition_broadcast"] == (52 + 40, 26 + 80)
     # KAISA's allreduce of factors: one bucket of 9 + 13 elements = 88 B, chunks 44: 2 (88 - 44) each way.
-    ar = flat(step_bytes(COMM_OPT, TINY, factor_comm="allreduce"))
+    ar = flat(step_bytes(COMM_OPT, TINY, KFACOptions(factor_comm="allreduce")))
     assert ar[0, "factor_reduce"] == ar[1, "factor_reduce"] == (88, 88)
     # Inverse step without factor step: decompositions only.
     only_inv = flat(step_bytes(COMM_OPT, TINY, factor_step=False))
@@ -98,14 +99,21 @@ def test_bytes_are_counted_per_bucket() -> None:
     # KAISA, 1-byte factors, a cap of 10 elements: entries fc2/A 3, fc2/G 10, fc1/A 6, fc1/G 3 (reverse order)
     # fill buckets of 3, 10 and 6 + 3 = 9 bytes. Allreduce 2 (n - c_p) per bucket: chunks of 3 are (2, 1),
     # of 10 (5, 5), of 9 (5, 4).
-    split = flat(step_bytes(COMM_OPT, TINY, factor_comm="allreduce", factor_bytes=1, bucket_cap_mb=10 / 2**20))
+    split = flat(
+        step_bytes(
+            COMM_OPT, TINY, KFACOptions(factor_comm="allreduce", bucket_cap_mb=10 / 2**20), sizes=ElementBytes(factor=1)
+        )
+    )
     assert split[0, "factor_reduce"] == (2 + 10 + 8,) * 2
     assert split[1, "factor_reduce"] == (4 + 10 + 10,) * 2
     # One bucket of 22 bytes (chunks 11, 11) moves a different amount: the model is not linear in the size.
-    whole = flat(step_bytes(COMM_OPT, TINY, factor_comm="allreduce", factor_bytes=1))
+    whole = flat(step_bytes(COMM_OPT, TINY, KFACOptions(factor_comm="allreduce"), sizes=ElementBytes(factor=1)))
     assert whole[0, "factor_reduce"] == whole[1, "factor_reduce"] == (22, 22)
     # The buckets of the factor reduction are what every rank holds as buffers, whatever the cap.
-    assert memory_bytes(COMM_OPT, TINY, factor_bytes=1, bucket_cap_mb=10 / 2**20)[0]["buffers"] == 22
+    assert (
+        memory_bytes(COMM_OPT, TINY, KFACOptions(bucket_cap_mb=10 / 2**20), sizes=ElementBytes(factor=1))[0]["buffers"]
+        == 22
+    )
 
 
 def test_tiny_memory_by_hand() -> None:
@@ -114,29 +122,29 @@ def test_tiny_memory_by_hand() -> None:
     # Buffers: the factor-reduction buckets, packed triangles of both layers (9 + 13 elements), on every rank.
     assert mem[0] == {"factors": 52, "decompositions": 72, "buffers": 88}
     assert mem[1] == {"factors": 80, "decompositions": 104, "buffers": 88}
-    mem = memory_bytes(COMM_OPT, TINY, factor_comm="allreduce", compute_method="inverse", inv_bytes=2)
+    mem = memory_bytes(
+        COMM_OPT, TINY, KFACOptions(factor_comm="allreduce", compute_method="inverse"), sizes=ElementBytes(inv=2)
+    )
     # Every rank: all factors, both inverses (fc1 13 + fc2 20 elements in 2 B), all buckets.
     assert mem[0] == mem[1] == {"factors": 132, "decompositions": 66, "buffers": 88}
-    square = memory_bytes(MEM_OPT, TINY, symmetric_comm=False)
+    square = memory_bytes(MEM_OPT, TINY, KFACOptions(symmetric_comm=False))
     assert square[0]["buffers"] == square[1]["buffers"] == 132  # unpacked: 13 + 20 elements
 
 
 def test_special_layers_numel() -> None:
     emb = LayerShape("emb", 5, 3, grad_numel=15, a_diagonal=True)
     assert factor_comm_numel(emb) == 5 + 6 and factor_comm_numel(emb, symmetric_comm=False) == 5 + 9
-    assert decomposition_comm_numel(emb) == 5 + 9 + 3  # eigen: no Q_A, only the diagonal
-    assert decomposition_comm_numel(emb, compute_method="inverse") == 5 + 6
+    assert METHODS["eigen"].comm_numel(emb, symmetric_comm=True) == 5 + 9 + 3  # eigen: no Q_A, only the diagonal
+    assert METHODS["inverse"].comm_numel(emb, symmetric_comm=True) == 5 + 6
     assert factor_storage_numel(emb) == 5 + 9
     grouped = LayerShape("conv", 2, 3, grad_numel=12, blocks=2)
     assert factor_comm_numel(grouped) == 2 * (3 + 6)
-    assert decomposition_comm_numel(grouped) == 2 * (4 + 2 + 9 + 3)
+    assert METHODS["eigen"].comm_numel(grouped, symmetric_comm=True) == 2 * (4 + 2 + 9 + 3)
     assert factor_storage_numel(grouped) == 2 * (4 + 9)
 
 
 def layers_mixed() -> list[LayerShape]:
-    out = [
-        LayerShape(f"lin{i}", 10 + 7 * i, 5 + 3 * i, grad_numel=(10 + 7 * i) * (5 + 3 * i)) for i in range(9)
-    ]
+    out = [LayerShape(f"lin{i}", 10 + 7 * i, 5 + 3 * i, grad_numel=(10 + 7 * i) * (5 + 3 * i)) for i in range(9)]
     out.append(LayerShape("emb", 50, 6, grad_numel=300, a_diagonal=True))
     out.append(LayerShape("dw", 10, 1, grad_numel=40, blocks=4))
     return out
@@ -156,7 +164,7 @@ def by_target(plan: Plan, layers: list[LayerShape], factor_comm: str, method: st
         reduce = ("reduce", world, lp.owner) if factor_comm == "owner" else ("allreduce", world, None)
         sizes[("factor_reduce", *reduce)] += 4 * factor_comm_numel(shape)
         if len(lp.grad_workers) > 1:
-            n = 4 * decomposition_comm_numel(shape, compute_method=method)
+            n = 4 * METHODS[method].comm_numel(shape, symmetric_comm=True)
             sizes[("decomposition_broadcast", "broadcast", tuple(sorted(lp.grad_workers)), lp.owner)] += n
         for src, receivers in lp.grad_broadcasts:
             group = tuple(sorted((src, *receivers)))
@@ -177,7 +185,9 @@ def test_traffic_identities(world_size: int, fraction: str | float, factor_comm:
     layers = layers_mixed()
     plan = build_plan(layers, world_size, fraction)
     w = world_size
-    t = step_bytes(plan, layers, factor_comm=factor_comm, compute_method=method, grad_bytes=2)
+    t = step_bytes(
+        plan, layers, KFACOptions(factor_comm=factor_comm, compute_method=method), sizes=ElementBytes(grad=2)
+    )
     expected = by_target(plan, layers, factor_comm, method)
     assert {r: {c: [v["sent"], v["received"]] for c, v in p.items()} for r, p in t.items()} == expected
     total = {c: [sum(t[r][c][d] for r in range(w)) for d in ("sent", "received")] for c in CATEGORIES}
@@ -198,7 +208,7 @@ def test_owner_reduction_moves_about_half_of_kaisa() -> None:
     plan = build_plan(layers, 8, "comm-opt")
 
     def factor_total(factor_comm: str) -> int:
-        t = step_bytes(plan, layers, factor_comm=factor_comm, inverse_step=False)
+        t = step_bytes(plan, layers, KFACOptions(factor_comm=factor_comm), inverse_step=False)
         return sum(t[r]["factor_reduce"]["sent"] + t[r]["factor_reduce"]["received"] for r in t)
 
     assert 0.5 < factor_total("owner") / factor_total("allreduce") < 0.6
@@ -213,12 +223,12 @@ def test_memory_identities(world_size: int, fraction: str | float) -> None:
     owner = memory_bytes(plan, layers)
     assert sum(m["factors"] for m in owner.values()) == total_factors  # each factor lives on one rank
     assert all(m["buffers"] == packed_factors for m in owner.values())  # every rank holds every bucket
-    allreduce = memory_bytes(plan, layers, factor_comm="allreduce")
+    allreduce = memory_bytes(plan, layers, KFACOptions(factor_comm="allreduce"))
     assert all(m["factors"] == total_factors for m in allreduce.values())  # every rank holds every factor
     assert all(m["buffers"] == packed_factors for m in allreduce.values())
-    square = memory_bytes(plan, layers, symmetric_comm=False)
+    square = memory_bytes(plan, layers, KFACOptions(symmetric_comm=False))
     assert all(m["buffers"] == total_factors for m in square.values())
-    total_dec = 4 * sum(decomposition_comm_numel(s, symmetric_comm=False) for s in layers)
+    total_dec = 4 * sum(METHODS["eigen"].comm_numel(s, symmetric_comm=False) for s in layers)
     assert sum(m["decompositions"] for m in owner.values()) == plan.grad_workers * total_dec
     if plan.grad_workers == world_size:  # comm-opt: every rank holds every decomposition
         assert all(m["decompositions"] == total_dec for m in owner.values())
@@ -238,24 +248,25 @@ def test_mem_opt_vs_comm_opt() -> None:
 def test_amortised() -> None:
     layers = layers_mixed()
     plan = build_plan(layers, 5, "hybrid-opt")
-    kw = {"compute_method": "inverse", "factor_bytes": 2, "grad_bytes": 2}
-    got = amortised_bytes(plan, layers, factor_update_steps=2, inv_update_steps=3, **kw)  # type: ignore[arg-type]
+    options, sizes = (
+        KFACOptions(compute_method="inverse", factor_update_steps=2, inv_update_steps=3),
+        ElementBytes(2, 4, 2),
+    )
+    got = amortised_bytes(plan, layers, options, sizes=sizes)
     # simulate six steps: k = 0..5, factor steps 0, 2, 4 and inverse steps 0, 3 (step 3 is not a factor step)
     sim = {r: {c: {"sent": Fraction(0), "received": Fraction(0)} for c in CATEGORIES} for r in range(5)}
     for k in range(6):
-        step = step_bytes(plan, layers, factor_step=k % 2 == 0, inverse_step=k % 3 == 0, **kw)  # type: ignore[arg-type]
+        step = step_bytes(plan, layers, options, factor_step=k % 2 == 0, inverse_step=k % 3 == 0, sizes=sizes)
         for r in range(5):
             for c in CATEGORIES:
                 for d in ("sent", "received"):
                     sim[r][c][d] += Fraction(step[r][c][d], 6)
     assert got == {r: {c: {d: float(v) for d, v in x.items()} for c, x in p.items()} for r, p in sim.items()}
-    every = amortised_bytes(plan, layers, factor_update_steps=1, inv_update_steps=1)
+    every = amortised_bytes(plan, layers, KFACOptions(factor_update_steps=1, inv_update_steps=1))
     full = step_bytes(plan, layers)
-    assert every == {
-        r: {c: {d: float(v) for d, v in x.items()} for c, x in p.items()} for r, p in full.items()
-    }
+    assert every == {r: {c: {d: float(v) for d, v in x.items()} for c, x in p.items()} for r, p in full.items()}
     factors = step_bytes(plan, layers, inverse_step=False)
-    rare = amortised_bytes(plan, layers, factor_update_steps=10, inv_update_steps=100)
+    rare = amortised_bytes(plan, layers, KFACOptions(factor_update_steps=10, inv_update_steps=100))
     assert rare[0]["factor_reduce"]["sent"] == factors[0]["factor_reduce"]["sent"] / 10
 
 
@@ -289,28 +300,32 @@ def test_layers_must_match_plan() -> None:
         ({"inv_bytes": 2.0}, "inv_bytes must be an integer >= 1; got 2.0"),
         ({"grad_bytes": True}, "grad_bytes must be an integer >= 1; got True"),
         ({"symmetric_comm": "yes"}, "symmetric_comm must be True or False; got 'yes'"),
-        ({"bucket_cap_mb": 0}, "bucket_cap_mb must be a number > 0; got 0"),
-        ({"bucket_cap_mb": "25"}, "bucket_cap_mb must be a number > 0; got '25'"),
+        ({"bucket_cap_mb": 0}, "bucket_cap_mb must be a number in (0, inf); got 0"),
+        ({"bucket_cap_mb": "25"}, "bucket_cap_mb must be a number in (0, inf); got '25'"),
         ({"factor_step": 1}, "factor_step must be True or False; got 1"),
     ],
 )
 def test_step_bytes_rejects_bad_options(kwargs: dict[str, object], option: str) -> None:
-    with pytest.raises(ValueError, match=option.replace("(", "\\(")):
-        step_bytes(MEM_OPT, TINY, **kwargs)  # type: ignore[arg-type]
+    """Each bad value fails where it is given: in KFACOptions, ElementBytes or step_bytes itself."""
+    sizes = {key.removesuffix("_bytes"): value for key, value in kwargs.items() if key.endswith("_bytes")}
+    options = {key: value for key, value in kwargs.items() if key in OPTION_FIELDS}
+    rest = {key: value for key, value in kwargs.items() if key not in options and not key.endswith("_bytes")}
+    with pytest.raises(ValueError, match=re.escape(option)):
+        step_bytes(MEM_OPT, TINY, KFACOptions(**options), sizes=ElementBytes(**sizes), **rest)  # type: ignore[arg-type]
 
 
 def test_other_functions_reject_bad_options() -> None:
-    with pytest.raises(ValueError, match="factor_update_steps must be an integer >= 1; got 0"):
-        amortised_bytes(MEM_OPT, TINY, factor_update_steps=0, inv_update_steps=1)
-    with pytest.raises(ValueError, match="inv_update_steps must be an integer >= 1; got 1.5"):
-        amortised_bytes(MEM_OPT, TINY, factor_update_steps=1, inv_update_steps=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=re.escape("factor_update_steps must be an integer in [1, inf); got 0")):
+        amortised_bytes(MEM_OPT, TINY, KFACOptions(factor_update_steps=0, inv_update_steps=1))
+    with pytest.raises(ValueError, match=re.escape("inv_update_steps must be an integer in [1, inf); got 1.5")):
+        amortised_bytes(MEM_OPT, TINY, KFACOptions(factor_update_steps=1, inv_update_steps=1.5))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="compute_method must be one of"):
-        amortised_bytes(MEM_OPT, TINY, factor_update_steps=1, inv_update_steps=1, compute_method="qr")
+        amortised_bytes(MEM_OPT, TINY, KFACOptions(factor_update_steps=1, inv_update_steps=1, compute_method="qr"))
     with pytest.raises(ValueError, match="factor_comm must be one of"):
-        memory_bytes(MEM_OPT, TINY, factor_comm="all")
+        memory_bytes(MEM_OPT, TINY, KFACOptions(factor_comm="all"))
     with pytest.raises(ValueError, match="inv_bytes must be an integer >= 1"):
-        memory_bytes(MEM_OPT, TINY, inv_bytes=-4)
-    with pytest.raises(ValueError, match="bucket_cap_mb must be a number > 0"):
-        memory_bytes(MEM_OPT, TINY, bucket_cap_mb=-1.0)
+        memory_bytes(MEM_OPT, TINY, sizes=ElementBytes(inv=-4))
+    with pytest.raises(ValueError, match="bucket_cap_mb must be a number in"):
+        memory_bytes(MEM_OPT, TINY, KFACOptions(bucket_cap_mb=-1.0))
     with pytest.raises(ValueError, match="symmetric_comm must be True or False"):
-        memory_bytes(MEM_OPT, TINY, symmetric_comm=None)  # type: ignore[arg-type]
+        memory_bytes(MEM_OPT, TINY, KFACOptions(symmetric_comm=None))  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ from torch import nn
 from kfac_dist import KFACPreconditioner
 from kfac_dist.app.data.imagenet import build_imagenet
 from kfac_dist.app.data.loaders import build_loaders
-from kfac_dist.models import build_model
+from kfac_dist.app.models import build_model
 
 synthetic = load_synthetic_script()
 

@@ -22,9 +22,10 @@ from torch import nn
 
 from kfac_dist import costs
 from kfac_dist.comm import TorchDistCommunicator
+from kfac_dist.costs import ElementBytes
 
 
-def expected_bytes(pre: Any, options: dict[str, Any], rank: int) -> dict[str, dict[str, int]]:
+def expected_bytes(pre: Any, rank: int) -> dict[str, dict[str, int]]:
     """Sum over the run's steps of the closed-form bytes of each step."""
     shapes = [s.shape() for s in pre._states.values()]
     total: dict[str, dict[str, int]] = {}
@@ -32,14 +33,10 @@ def expected_bytes(pre: Any, options: dict[str, Any], rank: int) -> dict[str, di
         traffic = costs.step_bytes(
             pre.plan(),
             shapes,
+            pre.options,
             factor_step=step % FACTOR_UPDATE_STEPS == 0,
             inverse_step=step % INV_UPDATE_STEPS == 0,
-            compute_method=options["compute_method"],
-            factor_comm=options["factor_comm"],
-            symmetric_comm=options["symmetric_comm"],
-            factor_bytes=8,
-            inv_bytes=8,
-            grad_bytes=8,
+            sizes=ElementBytes(factor=8, inv=8, grad=8),
         )[rank]
         for category, counts in traffic.items():
             entry = total.setdefault(category, {"sent": 0, "received": 0})
@@ -48,16 +45,13 @@ def expected_bytes(pre: Any, options: dict[str, Any], rank: int) -> dict[str, di
     return {c: v for c, v in total.items() if v["sent"] or v["received"]}
 
 
-def expected_memory(pre: Any, options: dict[str, Any], rank: int) -> dict[str, int]:
+def expected_memory(pre: Any, rank: int) -> dict[str, int]:
     shapes = [s.shape() for s in pre._states.values()]
     return costs.memory_bytes(
         pre.plan(),
         shapes,
-        factor_comm=options["factor_comm"],
-        compute_method=options["compute_method"],
-        symmetric_comm=options["symmetric_comm"],
-        factor_bytes=8,
-        inv_bytes=8,
+        pre.options,
+        sizes=ElementBytes(factor=8, inv=8),
     )[rank]
 
 
@@ -77,9 +71,9 @@ def run_all_cases(rank: int, world_size: int) -> list[dict[str, Any]]:
                 "case": case,
                 "error": max_relative_error([p.detach() for p in model.parameters()], reference),
                 "bytes": stats,
-                "expected_bytes": expected_bytes(pre, options, rank),
+                "expected_bytes": expected_bytes(pre, rank),
                 "memory": pre.memory_usage(),
-                "expected_memory": expected_memory(pre, options, rank),
+                "expected_memory": expected_memory(pre, rank),
                 "factors_held": sorted(pre.factors()),
                 "owned": sorted(pre.plan().layers_owned_by(rank)),
             }

@@ -38,9 +38,7 @@ def make_pair(hidden: int = 3) -> tuple[nn.Sequential, nn.Sequential]:
 
 def one_step(model: nn.Module, use_kfac: bool, x: torch.Tensor, y: torch.Tensor) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    pre = (
-        KFACPreconditioner(model, damping=1e-12, kl_clip=None, inv_dtype=torch.float64) if use_kfac else None
-    )
+    pre = KFACPreconditioner(model, damping=1e-12, kl_clip=None, inv_dtype=torch.float64) if use_kfac else None
     nn.functional.cross_entropy(model(x), y).backward()
     if pre is not None:
         pre.step()

@@ -85,7 +85,7 @@ def _preconditioner(model: Net, comm: Communicator, method: str, fraction: float
 def _state_tensors(pre: KFACPreconditioner, model: Net) -> list[torch.Tensor]:
     """Every tensor of K-FAC's state on this rank and every gradient."""
     tensors = [t for pair in pre.factors().values() for t in pair]
-    tensors += [t for s in pre._states.values() if s.decomposition is not None for t in s.decomposition.tensors()]
+    tensors += [t for s in pre._states.values() if s.decomposition for t in s.decomposition.tensors.values()]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     return tensors
 

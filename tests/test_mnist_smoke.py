@@ -7,7 +7,7 @@ from torch import nn
 
 from kfac_dist import KFACPreconditioner
 from kfac_dist.app.data.mnist import load_mnist_5k
-from kfac_dist.models import build_model
+from kfac_dist.app.models import build_model
 
 STEPS = 100
 BATCH = 64

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_dist.models import MODEL_NAMES, build_model
+from kfac_dist.app.models import MODEL_NAMES, build_model
 
 
 def n_params(model: nn.Module) -> int:

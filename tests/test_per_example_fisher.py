@@ -71,16 +71,14 @@ def _mlp() -> nn.Module:
 
 def _conv_net(groups: int) -> nn.Module:
     # a 3x3 kernel on a 3x3 input without padding: one output location per example
-    return nn.Sequential(
-        nn.Conv2d(4, 6, 3, groups=groups), nn.Flatten(), nn.Tanh(), nn.Linear(6, 3, bias=False)
-    ).to(DTYPE)
+    return nn.Sequential(nn.Conv2d(4, 6, 3, groups=groups), nn.Flatten(), nn.Tanh(), nn.Linear(6, 3, bias=False)).to(
+        DTYPE
+    )
 
 
 def _conv1d_net() -> nn.Module:
     # kernel 3, dilation 2, padding 1 on length 3: (3 + 2 - 4 - 1) + 1 = 1 output location, zeros in the patch
-    return nn.Sequential(
-        nn.Conv1d(2, 3, 3, dilation=2, padding=1), nn.Flatten(), nn.Tanh(), nn.Linear(3, 3)
-    ).to(DTYPE)
+    return nn.Sequential(nn.Conv1d(2, 3, 3, dilation=2, padding=1), nn.Flatten(), nn.Tanh(), nn.Linear(3, 3)).to(DTYPE)
 
 
 def _embedding_net() -> nn.Module:
@@ -110,9 +108,7 @@ def _setup(kind: str, n: int, repeat: bool, seed: int) -> tuple[nn.Module, nn.Mo
     return model, copy.deepcopy(model), x, y
 
 
-def _library_factors(
-    model: nn.Module, x: Tensor, y: Tensor, reduction: str
-) -> dict[str, tuple[Tensor, Tensor]]:
+def _library_factors(model: nn.Module, x: Tensor, y: Tensor, reduction: str) -> dict[str, tuple[Tensor, Tensor]]:
     pre = KFACPreconditioner(model, kl_clip=None, inv_dtype=DTYPE, loss_reduction=reduction)
     (rec,) = run_steps(model, pre, [(x, y)], ce_per_example, reduction)
     return rec.factors

@@ -103,9 +103,7 @@ def test_largest_layers_spread_over_windows() -> None:
     assert len({lp.grad_workers for lp in big}) == 3
 
 
-@pytest.mark.parametrize(
-    "world_size,fraction", [(3, "hybrid-opt"), (5, 0.4), (4, 0.75), (6, 4 / 6), (7, 3 / 7)]
-)
+@pytest.mark.parametrize("world_size,fraction", [(3, "hybrid-opt"), (5, 0.4), (4, 0.75), (6, 4 / 6), (7, 3 / 7)])
 def test_equal_layers_equal_loads_when_g_does_not_divide_w(world_size: int, fraction: float) -> None:
     plan = build_plan(equal_layers(world_size * 6), world_size, fraction)
     g = plan.grad_workers
@@ -148,9 +146,7 @@ def test_group_count_is_linear_in_w(world_size: int) -> None:
         if world_size % g == 0 and 1 < g < world_size:
             # KAISA's layout: W/g contiguous worker groups, g strided broadcast groups, and the world.
             assert len(groups) == 1 + world_size // g + g
-            assert {lp.grad_workers for lp in plan.layers} == {
-                tuple(range(k, k + g)) for k in range(0, world_size, g)
-            }
+            assert {lp.grad_workers for lp in plan.layers} == {tuple(range(k, k + g)) for k in range(0, world_size, g)}
         for lp in plan.layers:
             assert len(lp.grad_workers) == 1 or lp.grad_workers in groups
             assert all(tuple(sorted((s, *rec))) in groups for s, rec in lp.grad_broadcasts)
@@ -186,9 +182,7 @@ def test_world_size_one() -> None:
     for fraction in FRACTIONS:
         plan = build_plan(layers, 1, fraction)
         assert plan.grad_workers == 1
-        assert all(
-            lp.owner == 0 and lp.grad_workers == (0,) and lp.grad_broadcasts == () for lp in plan.layers
-        )
+        assert all(lp.owner == 0 and lp.grad_workers == (0,) and lp.grad_broadcasts == () for lp in plan.layers)
         assert plan.groups() == [(0,)]
     assert build_plan([], 1).layers == ()
 
@@ -205,9 +199,7 @@ def test_fraction_resolution() -> None:
     assert build_plan(layers, 8, 1).grad_worker_fraction == 1.0
 
 
-@pytest.mark.parametrize(
-    "bad", [1.5, 0, 0.0, -0.25, float("nan"), float("inf"), "fast", "MEM-OPT", True, None]
-)
+@pytest.mark.parametrize("bad", [1.5, 0, 0.0, -0.25, float("nan"), float("inf"), "fast", "MEM-OPT", True, None])
 def test_invalid_fraction(bad: object) -> None:
     with pytest.raises(ValueError, match=r"grad_worker_fraction must be in \(0, 1\] or one of 'mem-opt'"):
         build_plan(equal_layers(2), 4, bad)  # type: ignore[arg-type]

@@ -45,7 +45,7 @@ def test_resume_applies_the_configs_hyperparameters_over_the_checkpoints(
         trainer.optimizer.state[first]["momentum_buffer"], saved["optimizer"]["state"][0]["momentum_buffer"]
     )
     assert trainer.pre is not None and trainer.pre.steps == 3 and trainer.position.global_step == 3
-    assert (trainer.pre.damping, trainer.pre.kl_clip) == (0.1, 0.01)
+    assert (trainer.pre.options.damping, trainer.pre.options.kl_clip) == (0.1, 0.01)
     capsys.readouterr()
     # through the command line: the run says what the config changed, and goes on
     resumed = ["train", f"logging.dir={tmp_path}", *FAST, "checkpoint.resume=auto", "training.max_steps=5", *changed]

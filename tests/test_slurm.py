@@ -245,9 +245,9 @@ def test_time_limit_notice_checkpoints_requeues_and_resumes(
 ) -> None:
     """What ``#SBATCH --signal=B:USR1@120`` does ahead of the time limit, sent by hand once training is under way
     (scancel --signal=USR1 --batch): every rank checkpoints and stops, the batch script requeues the job, and the
-    requeued job resumes and finishes. Slurm delays a requeued job by AuthInfo's cred_expire (the test cluster's 10 s;
-starting it sooner fails it: the first run's credential is revoked).
-    (Not ``sbatch --wait``: it may return when the job is requeued.)"""
+    requeued job resumes and finishes. Slurm delays a requeued job by AuthInfo's cred_expire (the test cluster's
+    10 s; starting it sooner fails it: the first run's credential is revoked). (Not ``sbatch --wait``: it may
+    return when the job is requeued.)"""
     run_dir = tmp_path / "run"
     command = ["sbatch", "--parsable", f"--output={tmp_path}/job-%j.out", *options, str(SLURM / template)]
     command += ["training.epochs=2", "training.log_every_steps=5"]

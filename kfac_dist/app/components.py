@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from kfac_dist import KFACPreconditioner
-from kfac_dist.app.config import Config, ConfigError
+from kfac_dist.app.config import SCHEDULED_KFAC_OPTIONS, Config, ConfigError
 from kfac_dist.app.config.schedules import kfac_hyperparameter
 from kfac_dist.app.data.loaders import Loaders, build_datasets, build_loaders
 from kfac_dist.app.env import RunEnv
-from kfac_dist.comm import Communicator, LocalCommunicator, TorchDistCommunicator
-from kfac_dist.models import build_model
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from kfac_dist.app.models import build_model
+from kfac_dist.comm import Communicator, TorchDistCommunicator
+from kfac_dist.comm.backends import resolve_backend
+from kfac_dist.options import KFACOptions
 
 
 def resolve_device(cfg: Config, env: RunEnv) -> torch.device:
@@ -33,16 +32,7 @@ def resolve_device(cfg: Config, env: RunEnv) -> torch.device:
 
 def make_communicator(cfg: Config) -> Communicator:
     """The communicator K-FAC, gradient averaging and metrics use (``comm.backend``)."""
-    backend = cfg.comm.backend
-    if backend == "mpi":
-        from kfac_dist.comm.mpi import MPICommunicator
-
-        return MPICommunicator()
-    if backend == "horovod":
-        from kfac_dist.comm.horovod import HorovodCommunicator
-
-        return HorovodCommunicator()
-    return TorchDistCommunicator() if dist.is_available() and dist.is_initialized() else LocalCommunicator()
+    return resolve_backend(cfg.comm.backend, torch.cuda.is_available()).communicator()
 
 
 def build_data(cfg: Config, env: RunEnv, device: torch.device) -> tuple[Loaders, int]:
@@ -120,33 +110,48 @@ def build_preconditioner(
     if not cfg.kfac.enabled:
         return None
     options = preconditioner_options(cfg, steps_per_epoch)
-    return KFACPreconditioner(model, **options, lr=current_lr, grad_scaler=grad_scaler, communicator=comm)
+    return KFACPreconditioner(
+        model,
+        options,
+        lr=current_lr,
+        accumulation_steps=cfg.training.accumulation_steps,
+        grad_scaler=grad_scaler,
+        communicator=comm,
+    )
 
 
-def preconditioner_options(cfg: Config, steps_per_epoch: int) -> dict[str, Any]:
-    """The ``KFACPreconditioner`` keyword arguments the config sets: all but lr, grad_scaler and communicator.
+def preconditioner_options(cfg: Config, steps_per_epoch: int) -> KFACOptions:
+    """The ``kfac`` section's :class:`KFACOptions`, its scheduled options as callables of the K-FAC step.
 
-    The run and ``kfac-dist plan`` both use them. Scheduled options are callables of the K-FAC step
-    (:func:`kfac_hyperparameter`; a step's epoch is ``step // steps_per_epoch``).
+    The run and ``kfac-dist plan`` both use them (:func:`kfac_hyperparameter`; a step's epoch is
+    ``step // steps_per_epoch``).
     """
-    kfac = cfg.kfac
-    return {
-        "factor_update_steps": kfac_hyperparameter(kfac, "factor_update_steps", steps_per_epoch),
-        "inv_update_steps": kfac_hyperparameter(kfac, "inv_update_steps", steps_per_epoch),
-        "damping": kfac_hyperparameter(kfac, "damping", steps_per_epoch),
-        "factor_decay": kfac.factor_decay,
-        "kl_clip": kfac.kl_clip,
-        "compute_method": kfac.compute_method,
-        "accumulation_steps": cfg.training.accumulation_steps,
-        "factor_dtype": DTYPES[kfac.factor_dtype] if kfac.factor_dtype else None,
-        "inv_dtype": DTYPES[kfac.inv_dtype],
-        "skip_layers": kfac.skip_layers,
-        "grad_worker_fraction": kfac.grad_worker_fraction,
-        "assignment": kfac.assignment,
-        "factor_comm": kfac.factor_comm,
-        "symmetric_comm": kfac.symmetric_comm,
-        "bucket_cap_mb": kfac.bucket_cap_mb,
+    scheduled: dict[str, Any] = {
+        name: kfac_hyperparameter(cfg.kfac, name, steps_per_epoch) for name in SCHEDULED_KFAC_OPTIONS
     }
+    return replace(cfg.kfac.library_options(), **scheduled)
+
+
+def average_flat(model: nn.Module, allreduce: Callable[[torch.Tensor], None]) -> int:
+    """Average every gradient of `model` with one `allreduce` of them all, flattened (as DDP does, without overlap).
+
+    Args:
+        model: The model whose ``.grad`` tensors are replaced by their averages.
+        allreduce: Averages a tensor over the ranks in place.
+
+    Returns:
+        The bytes of the flat buffer (0 without a gradient).
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    allreduce(flat)
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+    return flat.nbytes
 
 
 @dataclass
@@ -160,13 +165,7 @@ class GradientSync:
         """Average every gradient over ranks when DDP does not (MPI and Horovod back-ends)."""
         if self.uses_ddp or self.comm.world_size == 1:
             return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        self.comm.allreduce(flat, average=True, category="gradients").wait()
-        offset = 0
-        for grad in grads:
-            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
+        average_flat(model, lambda flat: self.comm.allreduce(flat, average=True, category="gradients").wait())
 
 
 def wrap_model(model: nn.Module, comm: Communicator, device: torch.device) -> tuple[nn.Module, GradientSync]:

@@ -43,6 +43,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from kfac_dist.comm.backends import AUTO, resolve_backend
+from kfac_dist.comm.backends import BACKENDS as COMM_BACKENDS
+
 __all__ = [
     "BACKENDS",
     "LaunchEnvError",
@@ -56,7 +59,9 @@ __all__ = [
     "slurm_port",
 ]
 
-BACKENDS = ("auto", "nccl", "gloo", "mpi")
+#: What `init_distributed` can start: ``auto`` and the rows of :data:`kfac_dist.comm.backends.BACKENDS` that are
+#: ``torch.distributed`` process groups.
+BACKENDS = (AUTO, *(name for name, backend in COMM_BACKENDS.items() if backend.process_group))
 DEFAULT_PORT = 29500
 #: Ports of Slurm job steps: ``SLURM_PORT_BASE + (job % SLURM_PORT_JOBS) * SLURM_PORT_STEPS + step % SLURM_PORT_STEPS``.
 SLURM_PORT_BASE, SLURM_PORT_JOBS, SLURM_PORT_STEPS = 15000, 200, 100
@@ -328,7 +333,8 @@ def init_distributed(
 
     Args:
         env: From `detect_env`.
-        backend: ``"auto"`` (nccl when CUDA is available, else gloo), ``"nccl"``, ``"gloo"`` or ``"mpi"``.
+        backend: One of :data:`BACKENDS`: ``"auto"`` (nccl when CUDA is available, else gloo), ``"nccl"``,
+            ``"gloo"`` or ``"mpi"`` (torch's own MPI process group).
         timeout_s: Collective and rendezvous timeout in seconds; K-FAC's own process groups take it from the
             default group (:class:`kfac_dist.comm.TorchDistCommunicator`).
         force: Start a process group even with world size 1 (by default a single process starts none, and
@@ -348,11 +354,11 @@ def init_distributed(
     if timeout_s <= 0:
         raise LaunchEnvError(f"timeout_s={timeout_s} must be > 0")
     cuda = torch.cuda.is_available()
-    resolved = ("nccl" if cuda else "gloo") if backend == "auto" else backend
-    if resolved == "nccl" and not (cuda and dist.is_nccl_available()):
-        raise LaunchEnvError("backend='nccl' needs CUDA and NCCL, which this torch lacks here; use 'gloo' or 'auto'")
-    if resolved == "mpi" and not dist.is_mpi_available():
-        raise LaunchEnvError("backend='mpi' needs a torch built with MPI, which this one is not; use 'gloo' or 'auto'")
+    chosen = resolve_backend(backend, cuda)
+    resolved = chosen.name
+    missing = chosen.missing()
+    if missing is not None:
+        raise LaunchEnvError(f"backend={resolved!r} {missing}; use 'gloo' or 'auto'")
     device = None
     if cuda:
         device = torch.device(
@@ -364,8 +370,8 @@ def init_distributed(
     if dist.is_initialized():
         raise RuntimeError("init_distributed: a default process group is already initialized")
     timeout = timedelta(seconds=timeout_s)
-    if resolved == "mpi":
-        dist.init_process_group("mpi", timeout=timeout)
+    if not chosen.rendezvous:
+        dist.init_process_group(resolved, timeout=timeout)
     else:
         dist.init_process_group(
             resolved,
@@ -373,7 +379,7 @@ def init_distributed(
             rank=env.rank,
             world_size=env.world_size,
             timeout=timeout,
-            device_id=device if resolved == "nccl" else None,
+            device_id=device if "cpu" not in chosen.devices else None,  # a GPU-only group binds this rank's GPU
         )
     if run_id is not None:
         _check_same_run(run_id)

@@ -111,7 +111,7 @@ class NonFiniteGuard:
             self._tally += bad
             return True
         flag = (bad.to(torch.float64) + self._kfac_delta()).reshape(1)
-        self.comm.allreduce(flag, average=False, category="metrics").wait()
+        self.comm.allreduce(flag, average=False, category=run_report.METRICS).wait()
         if run_report.host_values(flag)[0] == 0:
             self._in_a_row = 0
             return True
@@ -137,7 +137,7 @@ class NonFiniteGuard:
         if self.skipping:
             return
         flag = (self._tally + self._kfac_delta()).reshape(1)
-        self.comm.allreduce(flag, average=False, category="metrics").wait()
+        self.comm.allreduce(flag, average=False, category=run_report.METRICS).wait()
         seen = run_report.host_values(flag)[0] != 0
         first, self._checked_through = self._checked_through + 1, global_step
         self._tally.zero_()
@@ -151,7 +151,7 @@ class NonFiniteGuard:
         """Before a checkpoint (collective): raise :class:`NonFiniteError` if `state` is not finite on any rank."""
         where = first_nonfinite(state)
         flag = torch.tensor([0.0 if where is None else 1.0], dtype=torch.float64, device=self.device)
-        self.comm.allreduce(flag, average=False, category="metrics").wait()
+        self.comm.allreduce(flag, average=False, category=run_report.METRICS).wait()
         if run_report.host_values(flag)[0] != 0:
             what = f"state{where} is" if where is not None else "the state is, on another rank,"
             raise NonFiniteError(

@@ -5,7 +5,7 @@ with ``--config FILE [key.path=value ...]`` (the same ``KFACPreconditioner`` arg
 :func:`kfac_dist.app.components.preconditioner_options`, and the same model arguments,
 :func:`kfac_dist.app.components.model_arguments`), and the preconditioner's defaults. The world size is
 ``--world-size``, else the launcher's (``WORLD_SIZE`` under torchrun, the step's tasks under ``srun``, ...), else
-``SLURM_NTASKS`` (an ``sbatch`` script's shell). ``--model`` is a name of :data:`kfac_dist.models.MODEL_NAMES` or a
+``SLURM_NTASKS`` (an ``sbatch`` script's shell). ``--model`` is a name of :data:`kfac_dist.app.models.MODEL_NAMES` or a
 user's ``module:function`` (the module is imported from the current directory or ``sys.path``; the function is
 called with no arguments, or with ``num_classes`` when it takes one and a value is known) that returns an
 ``nn.Module``. Models are built on the meta device: nothing is allocated. The plan depends only on the layers'
@@ -17,13 +17,14 @@ their shapes and which checks that the model takes that input.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import json
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -32,15 +33,18 @@ from torch import nn
 from kfac_dist.app.components import model_arguments, preconditioner_options
 from kfac_dist.app.config import SCHEDULED_KFAC_OPTIONS, Config, ConfigError, load_config
 from kfac_dist.app.env import LaunchEnvError, detect_env
-from kfac_dist.models import MODEL_NAMES, build_model
-from kfac_dist.options import COMPUTE_METHODS, FACTOR_COMMS
-from kfac_dist.placement import ASSIGNMENTS, STRATEGIES
-from kfac_dist.planner import SHARED_OPTIONS, PlanOptions, plan_arguments, plan_model
+from kfac_dist.app.models import MODEL_NAMES, build_model
+from kfac_dist.app.plan_text import plan_text
+from kfac_dist.costs import ElementBytes
+from kfac_dist.options import OPTION_FIELDS, KFACOptions, Range, check_value
+from kfac_dist.planner import plan_model
 
 __all__ = ["PlanError", "add_arguments", "build_planned_model", "build_user_model", "run"]
 
 #: Name of a module-level tuple giving a user's model its per-example input shape (no batch dimension).
 INPUT_SHAPE_ATTRIBUTE = "INPUT_SHAPE"
+#: The options that change the plan, each a flag (``--grad-worker-fraction``, ...).
+PLANNED_FIELDS = tuple(item for item in OPTION_FIELDS.values() if item.metadata["plans"])
 #: Examples in the meta forward pass (2, so that batch normalisation in training mode accepts it).
 _META_BATCH = 2
 
@@ -63,17 +67,38 @@ def _number(kind: type[int] | type[float], low: float, low_open: bool) -> Callab
     return parse
 
 
-def _fraction(text: str) -> float | str:
-    """A grad-worker fraction: a strategy name or a number in (0, 1]."""
-    if text in STRATEGIES:
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1] or one of {', '.join(STRATEGIES)}, got {text!r}")
-    return value
+def _in_range_or_named(allowed: Range, names: tuple[str, ...]) -> Callable[[str], float | str]:
+    """An option that is a number in ``allowed`` or one of ``names`` (``grad_worker_fraction``)."""
+
+    def parse(text: str) -> float | str:
+        if text in names:
+            return text
+        try:
+            return check_value("", float(text), allowed)
+        except ValueError:
+            problem = f"must be {allowed.describe()} or one of {', '.join(names)}, got {text!r}"
+            raise argparse.ArgumentTypeError(problem) from None
+
+    return parse
+
+
+def _add_option_flag(parser: argparse.ArgumentParser, item: dataclasses.Field[Any]) -> None:
+    """A flag for one :class:`KFACOptions` field, from its type, range, choices, doc and default."""
+    meta, flag = item.metadata, "--" + item.name.replace("_", "-")
+    allowed, choices = meta["range"], meta["choices"]
+    help_text = f"{meta['doc']} (default: the config's, else {item.default!r})"
+    if isinstance(item.default, bool):
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+    elif isinstance(item.default, tuple):
+        parser.add_argument(flag, action="append", metavar="PATTERN", help=help_text + "; repeatable")
+    elif allowed is not None and choices:
+        parser.add_argument(flag, type=_in_range_or_named(allowed, choices), help=help_text)
+    elif allowed is not None:
+        parser.add_argument(
+            flag, type=_number(int if allowed.integer else float, allowed.low, allowed.low_open), help=help_text
+        )
+    else:
+        parser.add_argument(flag, choices=choices, help=help_text)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -88,8 +113,10 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``plan`` arguments. Options left out come from ``--config``, else the preconditioner's defaults."""
-    d = PlanOptions()
+    """The ``plan`` arguments: one flag per :class:`KFACOptions` field that changes the plan (generated from it).
+
+    Options left out come from ``--config``, else the defaults.
+    """
     default = "default: the config's, else {}".format
     parser.add_argument(
         "--config", metavar="FILE", help="training YAML whose model, K-FAC schedule and options to plan"
@@ -116,42 +143,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_number(int, 1, False),
         help="number of ranks W (default: the launcher's, e.g. WORLD_SIZE, else SLURM_NTASKS; required otherwise)",
     )
-    parser.add_argument(
-        "--grad-worker-fraction",
-        type=_fraction,
-        help=f"fraction of ranks preconditioning each layer, in (0, 1], or one of {', '.join(STRATEGIES)} "
-        f"({default(d.grad_worker_fraction)})",
-    )
-    parser.add_argument("--assignment", choices=ASSIGNMENTS, help=f"cost that places layers ({default(d.assignment)})")
-    parser.add_argument("--factor-comm", choices=FACTOR_COMMS, help=f"factor reduction ({default(d.factor_comm)})")
-    parser.add_argument(
-        "--symmetric-comm",
-        action=argparse.BooleanOptionalAction,
-        help=f"send symmetric matrices as upper triangles ({default(d.symmetric_comm)})",
-    )
-    parser.add_argument(
-        "--compute-method", choices=COMPUTE_METHODS, help=f"decomposition kind ({default(d.compute_method)})"
-    )
-    parser.add_argument(
-        "--bucket-cap-mb", type=_number(float, 0, True), help=f"fusion bucket cap ({default(d.bucket_cap_mb)})"
-    )
-    parser.add_argument(
-        "--factor-update-steps", type=_number(int, 1, False), help=f"factor period ({default(d.factor_update_steps)})"
-    )
-    parser.add_argument(
-        "--inv-update-steps", type=_number(int, 1, False), help=f"decomposition period ({default(d.inv_update_steps)})"
-    )
-    parser.add_argument(
-        "--skip-layers",
-        action="append",
-        metavar="PATTERN",
-        help="glob of module names or class names not to precondition (repeatable; replaces the config's)",
-    )
+    for item in PLANNED_FIELDS:
+        _add_option_flag(parser, item)
     parser.add_argument(
         "--dtype-bytes",
         type=_number(int, 1, False),
         help="bytes per element of factors, decompositions and gradients (4: float32, 8: float64; "
-        "default: the config's factor_dtype and inv_dtype, else 4)",
+        "default: from factor_dtype and inv_dtype)",
     )
     for name in ("factor", "inv", "grad"):
         parser.add_argument(f"--{name}-bytes", type=_number(int, 1, False), help="override --dtype-bytes for " + name)
@@ -166,7 +164,8 @@ class _Inputs:
     model: str
     model_kwargs: dict[str, Any]
     world_size: int
-    options: dict[str, Any]
+    options: KFACOptions
+    sizes: ElementBytes
     notes: list[str]
 
 
@@ -175,27 +174,27 @@ def run(args: argparse.Namespace) -> int:
     try:
         inputs = _resolve(args)
         model = build_planned_model(inputs.model, inputs.model_kwargs, args.input_shape)
-        report = plan_model(model, inputs.world_size, name=inputs.model, **inputs.options)
+        report = plan_model(model, inputs.world_size, inputs.options, sizes=inputs.sizes, name=inputs.model)
     except (ConfigError, LaunchEnvError, ValueError) as error:  # PlanError is a ValueError
         print(f"kfac-dist plan: error: {error}", file=sys.stderr)
         return 2
     for note in inputs.notes:
         print(f"kfac-dist plan: note: {note}", file=sys.stderr)
-    print(json.dumps(report.to_dict()) if args.json else report.to_text(per_rank=args.per_rank or None))
+    print(json.dumps(report.to_dict()) if args.json else plan_text(report, per_rank=args.per_rank or None))
     return 0
 
 
 def _resolve(args: argparse.Namespace) -> _Inputs:
     """Merge the flags over the config over the defaults."""
     notes: list[str] = []
-    options: dict[str, Any] = {}
+    options = KFACOptions()
     model_kwargs: dict[str, Any] = {}
     model = args.model
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
         if not cfg.kfac.enabled:
             notes.append(f"{args.config} sets kfac.enabled=false; planned with its kfac section as if enabled")
-        options = plan_arguments(preconditioner_options(cfg, steps_per_epoch=1))  # the values at step 0
+        options = preconditioner_options(cfg, steps_per_epoch=1).at_step(0)
         notes += _schedule_notes(cfg)
         model_kwargs = model_arguments(cfg, None)
         if model is None or model == cfg.model.name:
@@ -206,16 +205,18 @@ def _resolve(args: argparse.Namespace) -> _Inputs:
         raise PlanError(f"key.path=value overrides need --config; got {' '.join(args.overrides)}")
     if model is None:
         raise PlanError("--model is required (a model name or module:function) unless --config names the model")
-    options |= {key: getattr(args, key) for key in SHARED_OPTIONS if getattr(args, key) is not None}
-    if args.skip_layers is not None:
-        options["skip_layers"] = tuple(args.skip_layers)
-    for key in ("factor", "inv", "grad"):
-        explicit = getattr(args, f"{key}_bytes") or args.dtype_bytes
-        if explicit is not None:
-            options[f"{key}_bytes"] = explicit
+    flags = {item.name: getattr(args, item.name) for item in PLANNED_FIELDS if getattr(args, item.name) is not None}
+    options = replace(options, **flags)
+    default_sizes = ElementBytes.of(options)
+    sizes = ElementBytes(
+        **{
+            key: getattr(args, f"{key}_bytes") or args.dtype_bytes or getattr(default_sizes, key)
+            for key in ("factor", "inv", "grad")
+        }
+    )
     if args.num_classes is not None:
         model_kwargs["num_classes"] = args.num_classes
-    return _Inputs(model, model_kwargs, _world_size(args.world_size, os.environ, notes), options, notes)
+    return _Inputs(model, model_kwargs, _world_size(args.world_size, os.environ, notes), options, sizes, notes)
 
 
 def _schedule_notes(cfg: Config) -> list[str]:
@@ -223,7 +224,7 @@ def _schedule_notes(cfg: Config) -> list[str]:
     notes = []
     for name in SCHEDULED_KFAC_OPTIONS:
         schedule = cfg.kfac.schedule(name)
-        if schedule is not None and name in SHARED_OPTIONS:
+        if schedule is not None and OPTION_FIELDS[name].metadata["plans"]:
             pairs = zip(schedule.milestones, schedule.values, strict=True)
             later = ", ".join(f"{value:g} from epoch {milestone}" for milestone, value in pairs)
             notes.append(
@@ -254,7 +255,7 @@ def build_planned_model(spec: str, kwargs: Mapping[str, Any], input_shape: tuple
     """The model `spec` names, built on the meta device; a forward pass there when an input shape is known.
 
     Args:
-        spec: a name of :data:`kfac_dist.models.MODEL_NAMES`, or ``module:function`` (:func:`build_user_model`).
+        spec: a name of :data:`kfac_dist.app.models.MODEL_NAMES`, or ``module:function`` (:func:`build_user_model`).
         kwargs: the model's keyword arguments (``num_classes``, ``width_multiplier``).
         input_shape: per-example input shape (default: a user module's ``INPUT_SHAPE``, else no forward pass).
 

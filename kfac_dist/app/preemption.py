@@ -74,7 +74,7 @@ class StopSignals:
         Collective: every rank calls it after the same step, and all get the same answer.
         """
         counts = torch.tensor([float(self.received == signal.Signals(n).name) for n in STOP_SIGNALS], device=device)
-        comm.allreduce(counts, average=False, category="metrics").wait()
+        comm.allreduce(counts, average=False, category=run_report.METRICS).wait()
         found = [
             f"{signal.Signals(n).name} on {int(c)} of {comm.world_size} ranks"
             for n, c in zip(STOP_SIGNALS, run_report.host_values(counts), strict=True)

@@ -19,10 +19,13 @@ import torch
 from torch import nn
 
 from kfac_dist import KFACPreconditioner
-from kfac_dist.app.components import preconditioner_options
 from kfac_dist.app.config import Config
+from kfac_dist.app.units import mib
 from kfac_dist.comm import Communicator
-from kfac_dist.planner import plan_arguments, plan_model
+from kfac_dist.planner import plan_model
+
+#: The communicator category of the run's metric, stop and health reductions (``comm_stats()`` counts them apart).
+METRICS = "metrics"
 
 #: How ``training.amp`` runs, in words.
 PRECISIONS = {
@@ -44,10 +47,6 @@ def _names(names: Sequence[str]) -> str:
     return shown + (f", ... ({len(names) - MAX_NAMES} more)" if len(names) > MAX_NAMES else "")
 
 
-def _mib(value: float) -> str:
-    return f"{value / 2**20:,.2f} MiB"
-
-
 def _layer_lines(pre: KFACPreconditioner) -> list[str]:
     report = pre.report()
     lines = [
@@ -67,16 +66,16 @@ def _plan_lines(
     cfg: Config, model: nn.Module, pre: KFACPreconditioner, world_size: int, steps_per_epoch: int
 ) -> list[str]:
     """Per-rank memory and bytes per step that :func:`kfac_dist.planner.plan_model` predicts for this run now."""
-    options = plan_arguments(preconditioner_options(cfg, steps_per_epoch), step=pre.steps)
-    report = plan_model(model, world_size, **options)
+    options = pre.options.at_step(pre.steps)
+    report = plan_model(model, world_size, options)
     s = report.summary()
     return [
         f"  K-FAC: {report.plan.grad_workers} grad worker(s) per layer (kfac.grad_worker_fraction="
-        f"{cfg.kfac.grad_worker_fraction}), factors every {options['factor_update_steps']} step(s), decompositions "
-        f"every {options['inv_update_steps']}",
-        f"  K-FAC memory per rank (planned): max {_mib(s['memory_max'])}, mean {_mib(s['memory_mean'])}",
+        f"{cfg.kfac.grad_worker_fraction}), factors every {options.factor_update_steps} step(s), decompositions "
+        f"every {options.inv_update_steps}",
+        f"  K-FAC memory per rank (planned): max {mib(s['memory_max'])} MiB, mean {mib(s['memory_mean'])} MiB",
         f"  K-FAC traffic per rank per step (planned; sent + received, averaged over the schedule): "
-        f"max {_mib(s['amortised_max'])}, mean {_mib(s['amortised_mean'])}",
+        f"max {mib(s['amortised_max'])} MiB, mean {mib(s['amortised_mean'])} MiB",
     ]
 
 

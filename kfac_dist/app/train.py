@@ -13,14 +13,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from kfac_dist.app.config import Config, ConfigError, format_config, load_config
 from kfac_dist.app.env import LaunchEnvError, detect_env, init_distributed, run_identity, shutdown_distributed
 from kfac_dist.app.preemption import EXIT_PREEMPTED, StopSignals
 from kfac_dist.comm import CollectiveError, RendezvousTimeout
+from kfac_dist.comm.backends import resolve_backend
 
 __all__ = ["add_arguments", "main", "parse_arguments", "run"]
-
-TORCH_BACKENDS = ("auto", "nccl", "gloo")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +102,7 @@ def _run(args: argparse.Namespace, stop: StopSignals) -> int:
     from kfac_dist.app.trainer import Trainer  # imported after validation: a bad config fails fast
 
     try:
-        if cfg.comm.backend in TORCH_BACKENDS and env.world_size > 1:
+        if resolve_backend(cfg.comm.backend, torch.cuda.is_available()).torch_distributed and env.world_size > 1:
             run_id = run_identity(format_config(cfg))  # the same on every rank of this run
             init_distributed(env, cfg.comm.backend, cfg.comm.timeout_s, run_id=run_id)
         result = Trainer(cfg, env, stop).run()

@@ -44,9 +44,7 @@ from kfac_dist.app.preemption import StopSignals
 from kfac_dist.app.resume import apply_hyperparameters, check_resumable, hyperparameters, identity
 from kfac_dist.app.run_report import HealthWatch, Progress, SpanTimer, startup_block
 from kfac_dist.comm import Communicator
-from kfac_dist.options import resolve
-
-KFAC_CATEGORIES = ("factor_reduce", "decomposition_broadcast", "gradient_broadcast")
+from kfac_dist.entries import CATEGORIES as KFAC_CATEGORIES
 
 
 @dataclass
@@ -279,7 +277,7 @@ class Trainer:
             sums[2] += (top5 == y[:, None]).any(1).sum()
             sums[3] += y.numel()
         self.model.train()
-        self.comm.allreduce(sums, average=False, category="metrics").wait()
+        self.comm.allreduce(sums, average=False, category=run_report.METRICS).wait()
         loss, top1, top5_hits, count = run_report.host_values(sums)
         count = max(count, 1.0)
         return loss / count, top1 / count, top5_hits / count
@@ -379,7 +377,7 @@ class Trainer:
             if self._step_checkpoint_due():
                 self.save()
         self.progress.end_epoch()
-        self.comm.allreduce(sums, average=False, category="metrics").wait()
+        self.comm.allreduce(sums, average=False, category=run_report.METRICS).wait()
         train = run_report.host_values(sums)
         self.nonfinite.check(self.position.global_step)
         kfac_seconds += self.kfac_timer.collect()
@@ -442,7 +440,7 @@ class Trainer:
         stats = self.comm.stats()
         sent = sum(stats.get(c, {}).get("sent", 0) for c in KFAC_CATEGORIES)
         received = sum(stats.get(c, {}).get("received", 0) for c in KFAC_CATEGORIES)
-        damping = resolve("damping", self.pre.damping, self.pre.steps) if self.pre is not None else None
+        damping = self.pre.options.value("damping", self.pre.steps) if self.pre is not None else None
         return {
             "epoch": self.position.epoch + 1,
             "step": self.position.global_step,

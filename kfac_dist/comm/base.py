@@ -224,7 +224,7 @@ class Communicator(ABC):
     ) -> Handle:
         """Sum (or average) `tensor` over `group`; every member holds the result after `wait`."""
         key = self._checked("allreduce", category, group, tensor)
-        self._record(category, *collective_bytes("allreduce", _nbytes(tensor), key, self._rank))
+        self._record(category, *collective_bytes("allreduce", tensor.nbytes, key, self._rank))
         if len(key) == 1:
             return CompletedHandle()
         handle = self._run("allreduce", category, key, lambda: self._allreduce(tensor, key))
@@ -244,7 +244,7 @@ class Communicator(ABC):
         Only `dst` holds the result after `wait`; the other ranks' tensors are left undefined.
         """
         key = self._checked("reduce", category, group, tensor, root=dst)
-        self._record(category, *collective_bytes("reduce", _nbytes(tensor), key, self._rank, dst))
+        self._record(category, *collective_bytes("reduce", tensor.nbytes, key, self._rank, dst))
         if len(key) == 1:
             return CompletedHandle()
         divisor = len(key) if average and self._rank == dst else 1
@@ -254,7 +254,7 @@ class Communicator(ABC):
     def broadcast(self, tensor: torch.Tensor, src: int, group: Sequence[int] | None = None, *, category: str) -> Handle:
         """Copy `tensor` from rank `src` (a global rank) to every other member of `group`."""
         key = self._checked("broadcast", category, group, tensor, root=src)
-        self._record(category, *collective_bytes("broadcast", _nbytes(tensor), key, self._rank, src))
+        self._record(category, *collective_bytes("broadcast", tensor.nbytes, key, self._rank, src))
         if len(key) == 1:
             return CompletedHandle()
         return self._run("broadcast", category, key, lambda: self._broadcast(tensor, src, key))
@@ -268,7 +268,7 @@ class Communicator(ABC):
         tensor of the ``i``-th rank of the (increasing) group, valid after `wait`.
         """
         key = self._checked("allgather", category, group, tensor)
-        self._record(category, *collective_bytes("allgather", _nbytes(tensor), key, self._rank))
+        self._record(category, *collective_bytes("allgather", tensor.nbytes, key, self._rank))
         if len(key) == 1:
             return CompletedHandle(), tensor.unsqueeze(0).clone()
         out = tensor.new_empty((len(key), *tensor.shape))
@@ -418,7 +418,3 @@ class Communicator(ABC):
         This default cannot check without a collective, so it returns at once (see `rendezvous`).
         """
         return None
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()

@@ -33,7 +33,15 @@ from dataclasses import dataclass
 import torch
 
 from kfac_dist.comm.base import Communicator, Handle
-from kfac_dist.comm.layout import Bucket, CollectiveOp, FusionEntry, Target, build_buckets
+from kfac_dist.comm.layout import (
+    DEFAULT_BUCKET_CAP_MB,
+    DEFAULT_SYMMETRIC_COMM,
+    Bucket,
+    CollectiveOp,
+    FusionEntry,
+    Target,
+    build_buckets,
+)
 from kfac_dist.comm.packing import pack_upper, unpack_upper
 
 
@@ -49,9 +57,9 @@ class FusionPlan:
         cls,
         entries: Sequence[FusionEntry],
         *,
-        bucket_cap_mb: float = 25.0,
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
         dtype: torch.dtype = torch.float32,
-        symmetric_comm: bool = True,
+        symmetric_comm: bool = DEFAULT_SYMMETRIC_COMM,
     ) -> FusionPlan:
         """Lay out `entries` (in their expected order of arrival) into buckets of at most `bucket_cap_mb` MiB.
 
@@ -94,7 +102,7 @@ class FusionStep:
     @property
     def nbytes(self) -> int:
         """Bytes of this rank's bucket buffers (every bucket of the plan whose group holds this rank)."""
-        return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers)
+        return sum(buffer.nbytes for buffer in self._buffers)
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         """Copy `tensor` into its bucket, then launch every bucket that is ready (see the module's rule)."""

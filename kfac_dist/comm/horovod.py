@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from kfac_dist.comm.backends import BACKENDS
 from kfac_dist.comm.base import Communicator, Group, Handle
 
 try:
@@ -191,7 +192,7 @@ class HorovodCommunicator(Communicator):
     def __init__(self) -> None:
         if not hvd.is_initialized():
             hvd.init(process_sets="dynamic")
-        super().__init__(rank=hvd.rank(), world_size=hvd.size(), devices=("cpu", "cuda"), name="horovod")
+        super().__init__(rank=hvd.rank(), world_size=hvd.size(), devices=BACKENDS["horovod"].devices, name="horovod")
         self._sets: dict[Group, Any] = {self.world: hvd.global_process_set}
         self._prefix = f"kfac{next(_INSTANCES)}"
         self._counts: dict[Group, int] = {}

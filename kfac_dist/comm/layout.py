@@ -17,6 +17,10 @@ from enum import Enum
 Group = tuple[int, ...]
 """A process group, named by the global ranks it holds."""
 
+#: The default fusion bucket cap, in MiB, and whether symmetric entries are packed by default (``KFACOptions``').
+DEFAULT_BUCKET_CAP_MB = 25.0
+DEFAULT_SYMMETRIC_COMM = True
+
 
 def canonical_group(ranks: Sequence[int]) -> Group:
     """Return `ranks` as an increasing tuple, rejecting an empty group and repeated ranks."""
@@ -112,8 +116,8 @@ def build_buckets(
     entries: Sequence[FusionEntry],
     *,
     element_size: int,
-    bucket_cap_mb: float = 25.0,
-    symmetric_comm: bool = True,
+    bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+    symmetric_comm: bool = DEFAULT_SYMMETRIC_COMM,
 ) -> tuple[Bucket, ...]:
     """Lay out `entries` (in their expected order of arrival) into buckets, in launch order.
 

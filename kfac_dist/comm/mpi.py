@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kfac_dist.comm.backends import BACKENDS
 from kfac_dist.comm.base import Communicator, Group, Handle
 
 try:
@@ -103,7 +104,7 @@ class MPICommunicator(Communicator):
 
     def __init__(self, comm: Any = None) -> None:
         base = MPI.COMM_WORLD if comm is None else comm
-        super().__init__(rank=base.Get_rank(), world_size=base.Get_size(), devices=("cpu", "cuda"), name="mpi")
+        super().__init__(rank=base.Get_rank(), world_size=base.Get_size(), devices=BACKENDS["mpi"].devices, name="mpi")
         self._world_comm = base.Dup()
         self._world_group = self._world_comm.Get_group()
         self._comms: dict[Group, Any] = {self.world: self._world_comm}

@@ -1,59 +1,52 @@
-"""Benchmarks behind ``kfac-dist bench NAME``; each is a module with ``add_arguments(parser)`` and ``run(args)``.
+"""Benchmarks behind ``kfac-dist bench NAME [options]``: one module ``kfac_dist.app.bench.NAME`` each.
 
-- ``convergence`` (:mod:`kfac_dist.app.bench.convergence`): steps and wall time to a training-loss and a test-accuracy
-  target, SGD-momentum + K-FAC vs SGD-momentum vs Adam, each tuned on a grid.
-- ``overhead`` (:mod:`kfac_dist.app.bench.overhead`): per-step time of K-FAC vs SGD in one process, with a phase
-  breakdown.
-- ``comm`` (:mod:`kfac_dist.app.bench.comm`): bytes and K-FAC memory per rank from the planner (ResNet-50, ours vs
-  KAISA), checked against real gloo runs.
-- ``scaling`` (:mod:`kfac_dist.app.bench.scaling`): real gloo runs at small W and a calibrated latency-bandwidth model
-  that predicts K-FAC and SGD step times to W = 1024.
+- ``convergence``: steps and wall time to a training-loss and a test-accuracy target, SGD-momentum + K-FAC vs
+  SGD-momentum vs Adam, each tuned on a grid.
+- ``overhead``: per-step time of K-FAC vs SGD in one process, with a phase breakdown.
+- ``comm``: bytes and K-FAC memory per rank from the planner (ResNet-50, ours vs KAISA), checked on real gloo runs.
+- ``scaling``: real gloo runs at small W and a calibrated latency-bandwidth model of K-FAC and SGD step times to
+  W = 1024.
 
-New benchmarks register in :data:`BENCHMARKS`; :func:`add_arguments` gives each a sub-command.
+A benchmark module has ``FULL`` (the help of ``--full``), ``add_arguments(parser)`` (its own options) and
+``run(args, log) -> (results, settings)``; its ``NAME_report`` module has ``markdown(results)`` and
+``plot(results, out)``. :func:`kfac_dist.app.bench.common.run` gives every benchmark the same skeleton (``--full``,
+``--out``, ``--no-plot``, run metadata, output files). Nothing here is imported until a benchmark runs.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Sequence
 
-from kfac_dist.app.bench import comm, convergence, overhead, scaling
+__all__ = ["BENCHMARKS", "add_arguments", "main", "run"]
 
-__all__ = ["BENCHMARKS", "add_arguments", "run"]
-
-#: name -> (help, add_arguments, run)
-BENCHMARKS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "convergence": (
-        "steps and wall time to a loss / accuracy target: K-FAC vs SGD-momentum vs Adam (--full: the docs run)",
-        convergence.add_arguments,
-        convergence.run,
-    ),
-    "overhead": (
-        "per-step time of K-FAC vs SGD in one process, with a phase breakdown (--full: the docs run)",
-        overhead.add_arguments,
-        overhead.run,
-    ),
-    "comm": (
-        "bytes and memory per rank, ResNet-50 from the planner vs KAISA, checked on gloo (--full: the docs run)",
-        comm.add_arguments,
-        comm.run,
-    ),
-    "scaling": (
-        "gloo runs at W = 1, 2, 4 and a calibrated model of K-FAC/SGD step time to W = 1024 (--full: the docs run)",
-        scaling.add_arguments,
-        scaling.run,
-    ),
+#: name -> one-line help.
+BENCHMARKS: dict[str, str] = {
+    "convergence": "steps and wall time to a loss / accuracy target: K-FAC vs SGD-momentum vs Adam",
+    "overhead": "per-step time of K-FAC vs SGD in one process, with a phase breakdown",
+    "comm": "bytes and memory per rank, ResNet-50 from the planner vs KAISA, checked on gloo",
+    "scaling": "gloo runs at W = 1, 2, 4 and a calibrated model of K-FAC/SGD step time to W = 1024",
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Give ``parser`` (the ``bench`` sub-command's) one sub-command per benchmark."""
-    subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    for name, (help_text, add, _) in BENCHMARKS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        add(sub)
+    """The ``bench`` sub-command's arguments: a benchmark's name, then its own options (parsed when it runs)."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "\n".join(f"  {name}: {text} (--full: the docs run)" for name, text in BENCHMARKS.items())
+    parser.add_argument("benchmark", choices=tuple(BENCHMARKS), metavar="NAME", help="the benchmark (see below)")
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="its options (kfac-dist bench NAME --help)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark named by ``args.benchmark``; return the exit code."""
-    return BENCHMARKS[args.benchmark][2](args)
+    """Run the benchmark of parsed ``bench`` arguments; return the exit code."""
+    return main([args.benchmark, *args.options])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``kfac-dist bench NAME [options]`` without the ``kfac-dist bench`` (argv: NAME and its options)."""
+    parser = argparse.ArgumentParser(prog="kfac-dist bench")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    from kfac_dist.app.bench.common import run as run_benchmark
+
+    return run_benchmark(args.benchmark, BENCHMARKS[args.benchmark], args.options)

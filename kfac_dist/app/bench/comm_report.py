@@ -1,14 +1,28 @@
-"""Markdown tables and the PNG of a ``kfac-dist bench comm`` run (:func:`kfac_dist.app.bench.comm.run`)."""
+"""Markdown tables and the PNG of a ``kfac-dist bench comm`` run, and the fractions and schemes it compares."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from kfac_dist.app.bench.comm import FRACTION_TITLES, FRACTIONS, SCHEME_TITLES, SCHEMES
 from kfac_dist.app.bench.common import md_header, md_row
 
-__all__ = ["markdown", "plot"]
+__all__ = ["FRACTIONS", "FRACTION_TITLES", "SCHEMES", "SCHEME_TITLES", "markdown", "plot"]
+
+#: Grad-worker fractions, by the library's names (mem-opt is 1/W).
+FRACTIONS = ("mem-opt", "hybrid-opt", "comm-opt")
+FRACTION_TITLES = {"mem-opt": "1/W", "hybrid-opt": "0.5", "comm-opt": "1"}
+#: Factor-exchange schemes compared, as preconditioner options.
+SCHEMES: dict[str, dict[str, Any]] = {
+    "ours": {"factor_comm": "owner", "symmetric_comm": True},
+    "kaisa": {"factor_comm": "allreduce", "symmetric_comm": False},
+    "kaisa_packed": {"factor_comm": "allreduce", "symmetric_comm": True},
+}
+SCHEME_TITLES = {
+    "ours": "ours (reduce to owner, triangles)",
+    "kaisa": "KAISA (allreduce, full squares)",
+    "kaisa_packed": "KAISA + triangles",
+}
 
 MIB = 2**20
 COLORS = {"mem-opt": "#c44e52", "hybrid-opt": "#4c72b0", "comm-opt": "#55a868"}

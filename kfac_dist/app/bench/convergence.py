@@ -1,42 +1,29 @@
 """Convergence benchmark: steps and wall time to a target, SGD-momentum + K-FAC vs SGD-momentum vs Adam.
 
-Protocol (``kfac-dist bench convergence``; docs/BENCHMARKS.md section 2 quotes the ``--full`` run):
-
-1. Tuning. Every grid point of every method (an lr grid for SGD-momentum 0.9 and for Adam; lr x damping for
-   SGD-momentum 0.9 + K-FAC) trains on each *tuning seed* (100, 101, ...), disjoint from the measured seeds
-   (0, 1, ...). A tuning run stops once it has reached both targets. Each method keeps the grid point with the
-   lowest median over tuning seeds of the steps to reach *both* targets (a run that misses one counts as
-   infinite); ties go to the lower median of the summed steps to each target, then to the lower median final
-   training loss. Within a method the step cost does not depend on the grid point, so this is also the fastest
-   point in wall time.
-2. Measurement. For every measured seed, the three tuned methods run back to back in the same process (one
-   thread; the order rotates with the seed), each for the task's full step budget, so machine noise hits all of
-   them alike. They share the seed's initial weights and batch order.
-3. Steps (training seconds) to a target: the first checkpoint (every ``eval_every`` steps and step 0) where the
-   recorded curve crosses it; evaluation is not timed. A run that never crosses counts as not reached; medians
-   over seeds treat it as infinite, so a median is "not reached" when half or more of the runs miss.
-4. Ratios: K-FAC's median over SGD-momentum's (and Adam's) median, for steps and for seconds, per target.
+Protocol (``kfac-dist bench convergence``; docs/BENCHMARKS.md section 2 quotes the ``--full`` run): every grid
+point of every method trains on the tuning seeds (100, ...) until it reaches both targets; each method keeps the
+point with the lowest median steps to both (ties: summed steps, then final loss). Then on every measured seed
+(0, ...) the tuned methods run back to back for the full budget (order rotating with the seed, one thread, same
+initial weights and batches). Steps (training seconds) to a target: the first checkpoint where the curve crosses
+it; a run that never does counts as infinite in the medians. K-FAC's ratios are ratios of medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import statistics
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from kfac_dist.app.bench.common import BenchRun, positive_int, write_outputs
+from kfac_dist.app.bench.common import Log, positive_int
 from kfac_dist.app.bench.convergence_runs import (
     METHODS,
     TASKS,
     Hyper,
-    KFACOptions,
+    KFACSettings,
     RunRecord,
     Task,
     finite_or_none,
@@ -45,7 +32,9 @@ from kfac_dist.app.bench.convergence_runs import (
 )
 from kfac_dist.app.data.mnist import Split
 
-__all__ = ["FULL_GRIDS", "QUICK_GRIDS", "Settings", "add_arguments", "main", "run", "run_benchmark", "summarize"]
+__all__ = ["FULL", "FULL_GRIDS", "QUICK_GRIDS", "Settings", "add_arguments", "run", "run_benchmark", "summarize"]
+
+FULL = "5 measured seeds, full grids (the docs/ run)"
 
 FULL_GRIDS: dict[str, list[Hyper]] = {
     "sgd": [{"lr": lr} for lr in (0.01, 0.03, 0.1, 0.3)],
@@ -57,7 +46,6 @@ QUICK_GRIDS: dict[str, list[Hyper]] = {
     "adam": [{"lr": lr} for lr in (3e-3, 1e-2)],
     "kfac": [{"lr": lr, "damping": d} for lr in (0.03, 0.1) for d in (0.3, 1.0)],
 }
-Log = Callable[[str], None]
 
 
 @dataclass
@@ -68,7 +56,7 @@ class Settings:
     grids: dict[str, list[Hyper]]
     seeds: list[int]
     tuning_seeds: list[int]
-    kfac: KFACOptions = KFACOptions()
+    kfac: KFACSettings = KFACSettings()
     warmup_steps: int = 20
     threads: int = 1
 
@@ -199,7 +187,7 @@ def run_benchmark(settings: Settings, log: Log = print) -> dict[str, Any]:
             for method in METHODS:
                 summary["methods"][method]["grid_edges"] = grid_edges(best[method], settings.grids[method])
             summary.update(
-                grid=scores, task=asdict(task), sizes={"train": len(data[0].labels), "test": len(data[1].labels)}
+                grid=scores, task=task.to_json(), sizes={"train": len(data[0].labels), "test": len(data[1].labels)}
             )
             results["tasks"][task.name] = summary
             results["runs"] += [r.to_json() for r in tuning + measured]
@@ -223,53 +211,24 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         grids=FULL_GRIDS if full else QUICK_GRIDS,
         seeds=list(range(n_seeds)),
         tuning_seeds=list(range(100, 100 + n_tuning)),
-        kfac=KFACOptions(factor_update_steps=args.factor_update_steps, inv_update_steps=args.inv_update_steps),
+        kfac=KFACSettings(factor_update_steps=args.factor_update_steps, inv_update_steps=args.inv_update_steps),
         warmup_steps=args.warmup_steps,
     )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``kfac-dist bench convergence``."""
-    parser.add_argument("--full", action="store_true", help="5 measured seeds, full grids (the docs/ run)")
     parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(TASKS), help="tasks to run")
-    parser.add_argument("--seeds", type=positive_int, default=None, help="measured seeds 0..N-1 (default 2; --full 5)")
-    parser.add_argument("--tuning-seeds", type=positive_int, default=None, help="tuning seeds 100..99+N (default 1)")
-    parser.add_argument("--max-steps", type=positive_int, default=None, help="override every task's step budget")
-    parser.add_argument("--eval-every", type=positive_int, default=None, help="override every task's checkpoint period")
+    parser.add_argument("--seeds", type=positive_int, help="measured seeds 0..N-1 (default 2; --full 5)")
+    parser.add_argument("--tuning-seeds", type=positive_int, help="tuning seeds 100..99+N (default 1)")
+    parser.add_argument("--max-steps", type=positive_int, help="override every task's step budget")
+    parser.add_argument("--eval-every", type=positive_int, help="override every task's checkpoint period")
     parser.add_argument("--factor-update-steps", type=positive_int, default=10, help="K-FAC factor update period")
     parser.add_argument("--inv-update-steps", type=positive_int, default=100, help="K-FAC decomposition period")
     parser.add_argument("--warmup-steps", type=positive_int, default=20, help="untimed warm-up steps per method, task")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/convergence"), help="output path prefix")
-    parser.add_argument("--no-plot", action="store_true", help="skip the PNG curves (matplotlib not needed)")
 
 
-def command_line(args: argparse.Namespace) -> str:
-    """The ``kfac-dist`` command that reproduces a run (options at their default values left out)."""
-    words = ["kfac-dist", "bench", "convergence"] + (["--full"] if args.full else [])
-    if list(args.tasks) != list(TASKS):
-        words += ["--tasks", *args.tasks]
-    defaults = {"factor_update_steps": 10, "inv_update_steps": 100, "warmup_steps": 20}
-    for name in ("seeds", "tuning_seeds", "max_steps", "eval_every", *defaults):
-        value = getattr(args, name)
-        if value is not None and value != defaults.get(name):
-            words += [f"--{name.replace('_', '-')}", str(value)]
-    return shlex.join([*words, "--out", str(args.out)] + (["--no-plot"] if args.no_plot else []))
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``kfac-dist bench convergence`` on parsed arguments; write JSON, Markdown and PNGs at ``--out``."""
-    from kfac_dist.app.bench import convergence_report
-
-    config = settings_from_args(args)
-    record = BenchRun(command_line(args), config.threads)
-    results = run_benchmark(config, log=lambda line: print(line, flush=True))
-    results["meta"] = record.meta(asdict(config))
-    write_outputs(args.out, results, convergence_report.markdown, None if args.no_plot else convergence_report.plot)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python scripts/bench_convergence.py``: the same options as ``kfac-dist bench convergence``."""
-    parser = argparse.ArgumentParser(prog="bench_convergence", description="Steps and wall time to a target.")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+def run(args: argparse.Namespace, log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the benchmark of parsed options; the results and the settings."""
+    settings = settings_from_args(args)
+    return run_benchmark(settings, log), asdict(settings) | {"tasks": [t.to_json() for t in settings.tasks]}

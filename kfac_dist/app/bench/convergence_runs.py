@@ -18,15 +18,15 @@ import torch
 from torch import nn
 
 from kfac_dist import KFACPreconditioner
+from kfac_dist.app.bench.common import ModelSpec
 from kfac_dist.app.data.mnist import Split, load_mnist_5k
-from kfac_dist.models import build_model
 
 __all__ = [
     "METHODS",
     "METHOD_TITLES",
     "TASKS",
     "Hyper",
-    "KFACOptions",
+    "KFACSettings",
     "RunRecord",
     "Task",
     "batch_order",
@@ -52,27 +52,33 @@ class Task:
     name: str
     title: str
     data: str  # "mnist5k" or "digits"
-    model: str
-    model_kwargs: dict[str, Any]
+    model: ModelSpec
     loss_target: float  # cross-entropy over the whole training split <= this
     acc_target: float  # test accuracy >= this
     max_steps: int
     eval_every: int
     batch_size: int = 64
 
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able fields (the model as its builder and keyword arguments)."""
+        data = asdict(self)
+        return data | {"model": self.model.builder, "model_kwargs": dict(self.model.kwargs)}
+
 
 TASKS: dict[str, Task] = {
-    "mnist5k_cnn": Task("mnist5k_cnn", "MNIST-5k, small CNN", "mnist5k", "small_cnn", {}, 0.05, 0.96, 500, 25),
+    "mnist5k_cnn": Task(
+        "mnist5k_cnn", "MNIST-5k, small CNN", "mnist5k", ModelSpec("small_cnn", {}, (1, 28, 28)), 0.05, 0.96, 500, 25
+    ),
     "digits_mlp": Task(
-        "digits_mlp", "sklearn digits (8x8), MLP 64-64-64-10", "digits", "mlp",
-        {"in_features": 64, "hidden": [64, 64]}, 0.05, 0.96, 400, 20,
+        "digits_mlp", "sklearn digits (8x8), MLP 64-64-64-10", "digits",
+        ModelSpec("mlp", {"in_features": 64, "hidden": [64, 64]}, (1, 8, 8)), 0.05, 0.96, 400, 20,
     ),
 }  # fmt: skip
 """The benchmark's tasks; targets and budgets were set from a pilot so that every method can reach them."""
 
 
 @dataclass(frozen=True)
-class KFACOptions:
+class KFACSettings:
     """The K-FAC settings shared by every K-FAC grid point (lr and damping come from the grid)."""
 
     factor_update_steps: int = 10
@@ -190,7 +196,7 @@ def evaluate(model: nn.Module, train: Split, test: Split, chunk: int = 1000) -> 
 
 
 def make_optimizer(
-    model: nn.Module, method: str, hyper: Hyper, kfac: KFACOptions
+    model: nn.Module, method: str, hyper: Hyper, kfac: KFACSettings
 ) -> tuple[torch.optim.Optimizer, KFACPreconditioner | None]:
     """The optimizer (and, for ``"kfac"``, the preconditioner) of a method at a grid point."""
     lr = hyper["lr"]
@@ -219,7 +225,7 @@ def train_run(
     method: str,
     hyper: Hyper,
     seed: int,
-    kfac: KFACOptions,
+    kfac: KFACSettings,
     *,
     phase: str,
     stop_at_targets: bool,
@@ -243,8 +249,7 @@ def train_run(
     """
     train, test = data
     steps = task.max_steps if max_steps is None else max_steps
-    torch.manual_seed(seed)
-    model = build_model(task.model, **task.model_kwargs)
+    model = task.model.build(seed)
     optimizer, pre = make_optimizer(model, method, hyper, kfac)
     order = batch_order(len(train.labels), task.batch_size, steps, seed)
     record = RunRecord(task.name, phase, method, dict(hyper), seed)

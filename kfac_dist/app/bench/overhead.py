@@ -1,31 +1,14 @@
 """Overhead benchmark: time per training step of SGD-momentum + K-FAC against SGD-momentum on the same model.
 
-Protocol (``kfac-dist bench overhead``; docs/BENCHMARKS.md section 1 quotes the ``--full`` run):
-
-1. One process, ``torch.set_num_threads(1)``. For each model and (factor, inverse) frequency ``(f, p)`` there is
-   one *arm* per optimizer: SGD-momentum, and SGD-momentum + K-FAC for each compute method. Every arm starts from
-   the same initial weights (one seeded build, copied) and sees the same batch sequence (a fixed pool of
-   synthetic batches; step time does not depend on the values).
-2. Warm-up: every arm trains ``warmup_steps`` untimed steps. A K-FAC arm is then rebuilt from its
-   ``state_dict()`` with its step counter moved to the next multiple of ``p``, so every timed block starts on an
-   inverse step.
-3. Blocks: a block is a whole number of inverse periods (``p`` steps, at least ``min_block_steps``), so it holds
-   the same mix of plain, factor and inverse steps as a long run. Rounds run one block of every arm, in an order
-   that rotates each round, so drift and background load hit every arm alike. The step time of a block is its
-   wall time over its steps; an arm's step time is the median over rounds, and K-FAC's ratio is the ratio of
-   medians (the per-round ratios are stored too). Each block also records its process CPU time: with one
-   thread, CPU time < wall time means the process waited for a core (other load on the machine). A round in
-   which any block was busy less than ``min_busy`` of its wall time is run again (at most ``max_retries``
-   times; the JSON counts the discarded rounds), and the ratio of median CPU times is reported beside the
-   wall-clock ratio as a load-independent check.
-4. Phase breakdown: after the rounds, every K-FAC arm is rebuilt with ``profile=True`` (same state) and runs
-   separate profiled blocks (a round with an SGD block beside them); the headline blocks run unprofiled.
-   Forward and backward are timed around ``model(x)`` + loss and ``loss.backward()``, minus the factor
-   computation the hooks do inside them (``phase_times()["factor_computation"]``, read before and after the
-   forward); the K-FAC phases come from ``phase_times()``; "optimizer" is ``zero_grad`` + ``optimizer.step()``.
-   The named phases must add up to the block's measured step time within 10%; the remainder (Python between the
-   timed regions, the parts of ``pre.step()`` no phase covers) is reported and folded into "other" = optimizer
-   + remainder.
+Protocol (``kfac-dist bench overhead``; docs/BENCHMARKS.md section 1 quotes the ``--full`` run): one process, one
+thread; per model and frequency ``(f, p)`` one arm per optimizer (SGD, K-FAC per compute method) from the same
+weights on the same batch pool. After warm-up each K-FAC arm is rebuilt from its state with its step counter on an
+inverse step; a block is whole inverse periods (at least ``min_block_steps``); rounds run one block of every arm in
+a rotating order, and a round with a block busy (CPU / wall) below ``min_busy`` is rerun (at most ``max_retries``
+times). Step times and ratios are medians over rounds (CPU-time ratios beside them). The phase breakdown comes from
+separate profiled blocks (``profile=True``): forward / backward minus the factor computation in the hooks, the
+library's phases, and "other" = optimizer + what no phase covers; the named phases must add up to the step within
+:data:`~kfac_dist.app.bench.overhead_runs.TOLERANCE`.
 """
 
 from __future__ import annotations
@@ -33,44 +16,31 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import shlex
 import statistics
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from kfac_dist.app.bench.common import BenchRun, positive_int, write_outputs
+from kfac_dist.app.bench.arms import Arm, Block
+from kfac_dist.app.bench.common import Log, positive_int
+from kfac_dist.app.bench.overhead_flops import ratio_table
 from kfac_dist.app.bench.overhead_runs import (
     MODELS,
     PHASES,
     TOLERANCE,
-    Arm,
-    BlockTimes,
-    ModelSpec,
+    Workload,
     block_steps,
     breakdown,
     coarse,
     median_dict,
 )
-from kfac_dist.options import COMPUTE_METHODS
+from kfac_dist.methods import COMPUTE_METHODS
+from kfac_dist.options import KFACOptions
 
-__all__ = [
-    "FULL_ROUNDS",
-    "MODELS",
-    "PHASES",
-    "TOLERANCE",
-    "ModelSpec",
-    "Settings",
-    "add_arguments",
-    "main",
-    "run",
-    "run_benchmark",
-]
+__all__ = ["FULL", "FULL_ROUNDS", "Settings", "add_arguments", "run", "run_benchmark"]
 
-Log = Callable[[str], None]
+FULL = "all frequencies, 5/5/3 rounds (the docs/ run)"
 FREQS: list[tuple[int, int]] = [(1, 1), (10, 100), (50, 500)]
 QUICK_FREQS: list[tuple[int, int]] = [(1, 1), (10, 100)]
 #: Rounds per frequency of the ``--full`` run.
@@ -81,7 +51,7 @@ FULL_ROUNDS: dict[tuple[int, int], int] = {(1, 1): 5, (10, 100): 5, (50, 500): 3
 class Settings:
     """Everything a benchmark run depends on (stored in the JSON)."""
 
-    models: list[ModelSpec]
+    models: list[Workload]
     freqs: list[tuple[int, int]]
     methods: list[str]
     rounds: dict[tuple[int, int], int]
@@ -96,9 +66,7 @@ class Settings:
     threads: int = 1
 
 
-def _round(
-    arms: list[Arm], batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int, settings: Settings
-) -> tuple[dict[str, BlockTimes], int]:
+def _round(arms: list[Arm], steps: int, settings: Settings) -> tuple[dict[str, Block], int]:
     """One block of every arm, in the given order; redone while a block was contended (cpu / wall < min_busy).
 
     With one thread, a block's process CPU time falls short of its wall time only when the process waited for a
@@ -108,52 +76,42 @@ def _round(
         The kept round and the number of rounds discarded before it.
     """
     for attempt in range(settings.max_retries + 1):
-        round_ = {arm.name: arm.run(batches, steps) for arm in arms}
+        round_ = {arm.name: arm.run(steps) for arm in arms}
         if min(b.busy for b in round_.values()) >= settings.min_busy or attempt == settings.max_retries:
             return round_, attempt
     raise AssertionError("unreachable")
 
 
-def _batches(spec: ModelSpec, settings: Settings) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The fixed pool of synthetic batches every arm cycles through."""
-    generator = torch.Generator().manual_seed(settings.seed + 1)
-    return [
-        (
-            torch.randn(spec.batch, *spec.input_shape, generator=generator),
-            torch.randint(0, spec.num_classes, (spec.batch,), generator=generator),
-        )
-        for _ in range(settings.batch_pool)
-    ]
-
-
-def measure(spec: ModelSpec, freq: tuple[int, int], settings: Settings, log: Log = print) -> dict[str, Any]:
+def measure(spec: Workload, freq: tuple[int, int], settings: Settings, log: Log = print) -> dict[str, Any]:
     """All arms of one model at one frequency, interleaved; medians, ratios and the phase breakdown."""
-    torch.manual_seed(settings.seed)
-    initial = spec.build()
-    batches = _batches(spec, settings)
-    arms = [Arm("sgd", copy.deepcopy(initial), settings.lr, None, freq)]
-    arms += [Arm(m, copy.deepcopy(initial), settings.lr, m, freq) for m in settings.methods]
+    initial = spec.model.build(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    batches = [spec.model.batch(spec.batch, generator) for _ in range(settings.batch_pool)]  # every arm cycles them
+    arms = [Arm("sgd", copy.deepcopy(initial), batches, None, settings.lr)]
+    for method in settings.methods:
+        kfac = KFACOptions(factor_update_steps=freq[0], inv_update_steps=freq[1], compute_method=method)
+        arms.append(Arm(method, copy.deepcopy(initial), batches, kfac, settings.lr))
     for arm in arms:
-        arm.run(batches, settings.warmup_steps)
-        arm.rebuild(profile=False)
+        arm.run(settings.warmup_steps)
+        arm.rebuild(profile=False, align=True)
     steps = block_steps(freq, settings.min_block_steps)
     rounds = settings.rounds.get(freq, 1)
-    blocks: dict[str, list[BlockTimes]] = {arm.name: [] for arm in arms}
+    blocks: dict[str, list[Block]] = {arm.name: [] for arm in arms}
     discarded = 0
     for r in range(rounds):
-        kept, redone = _round(arms[r % len(arms) :] + arms[: r % len(arms)], batches, steps, settings)
+        kept, redone = _round(arms[r % len(arms) :] + arms[: r % len(arms)], steps, settings)
         discarded += redone
         for name, block in kept.items():
             blocks[name].append(block)
         log(
-            f"  {spec.builder} {freq} round {r + 1}/{rounds} ({redone} redone): "
+            f"  {spec.model.builder} {freq} round {r + 1}/{rounds} ({redone} redone): "
             + ", ".join(f"{n} {b.per_step_ms(b.wall):.2f} ms (busy {b.busy:.2f})" for n, b in kept.items())
         )
-    profiled: dict[str, list[BlockTimes]] = {arm.name: [] for arm in arms}
+    profiled: dict[str, list[Block]] = {arm.name: [] for arm in arms}
     for arm in arms[1:]:
-        arm.rebuild(profile=True)
+        arm.rebuild(profile=True, align=True)
     for _ in range(settings.profile_blocks):  # with an SGD block beside them, as a reference taken at the same time
-        kept, redone = _round(arms, batches, steps, settings)
+        kept, redone = _round(arms, steps, settings)
         discarded += redone
         for name, block in kept.items():
             profiled[name].append(block)
@@ -246,25 +204,15 @@ def _freq(text: str) -> tuple[int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``kfac-dist bench overhead``."""
-    parser.add_argument("--full", action="store_true", help="all frequencies, 5/5/3 rounds (the docs/ run)")
     parser.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS), help="models to run")
-    parser.add_argument(
-        "--freqs",
-        nargs="+",
-        type=_freq,
-        default=None,
-        help="FACTOR,INVERSE pairs (default 1,1 10,100; --full adds 50,500)",
-    )
+    help_freqs = "FACTOR,INVERSE pairs (default 1,1 10,100; --full adds 50,500)"
+    parser.add_argument("--freqs", nargs="+", type=_freq, help=help_freqs)
     parser.add_argument("--methods", nargs="+", choices=COMPUTE_METHODS, default=list(COMPUTE_METHODS))
-    parser.add_argument(
-        "--rounds", type=positive_int, default=None, help="rounds per frequency (default 2; --full 5/5/3)"
-    )
+    parser.add_argument("--rounds", type=positive_int, help="rounds per frequency (default 2; --full 5/5/3)")
     parser.add_argument("--min-block-steps", type=positive_int, default=20, help="steps per block at least")
     parser.add_argument("--warmup-steps", type=positive_int, default=10, help="untimed steps per arm")
     parser.add_argument("--profile-blocks", type=positive_int, default=1, help="profiled blocks per K-FAC arm")
     parser.add_argument("--max-retries", type=int, default=2, help="reruns of a round that was contended")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/overhead"), help="output path prefix")
-    parser.add_argument("--no-plot", action="store_true", help="skip the PNG (matplotlib not needed)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -286,45 +234,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
-def command_line(args: argparse.Namespace) -> str:
-    """The ``kfac-dist`` command that reproduces a run (options at their defaults left out)."""
-    words = ["kfac-dist", "bench", "overhead"] + (["--full"] if args.full else [])
-    if list(args.models) != list(MODELS):
-        words += ["--models", *args.models]
-    if args.freqs:
-        words += ["--freqs", *(f"{f},{p}" for f, p in args.freqs)]
-    if list(args.methods) != list(COMPUTE_METHODS):
-        words += ["--methods", *args.methods]
-    defaults = {"rounds": None, "min_block_steps": 20, "warmup_steps": 10, "profile_blocks": 1, "max_retries": 2}
-    for name, default in defaults.items():
-        value = getattr(args, name)
-        if value is not None and value != default:
-            words += [f"--{name.replace('_', '-')}", str(value)]
-    return shlex.join([*words, "--out", str(args.out)] + (["--no-plot"] if args.no_plot else []))
-
-
 def jsonable(settings: Settings) -> dict[str, Any]:
     """Settings as JSON (frequency keys as "f,p")."""
-    data = asdict(settings)
+    data = asdict(settings) | {"models": [m.describe() for m in settings.models]}
     data["rounds"] = {f"{f},{p}": n for (f, p), n in settings.rounds.items()}
     return data
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``kfac-dist bench overhead`` on parsed arguments; write JSON, Markdown and PNG at ``--out``."""
-    from kfac_dist.app.bench import overhead_report
-
+def run(args: argparse.Namespace, log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the benchmark of parsed options; the results (with the FLOP table) and the settings."""
     config = settings_from_args(args)
-    record = BenchRun(command_line(args), config.threads)
-    results = run_benchmark(config, log=lambda line: print(line, flush=True))
-    results["flops"] = overhead_report.flop_rows(config.freqs)
-    results["meta"] = record.meta(jsonable(config))
-    write_outputs(args.out, results, overhead_report.markdown, None if args.no_plot else overhead_report.plot)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python scripts/bench_overhead.py``: the same options as ``kfac-dist bench overhead``."""
-    parser = argparse.ArgumentParser(prog="bench_overhead", description="Per-step time of K-FAC vs SGD.")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    results = run_benchmark(config, log)
+    results["flops"] = ratio_table(config.freqs)  # ResNet-50 at 224 / batch 32 vs the proxy
+    return results, jsonable(config)

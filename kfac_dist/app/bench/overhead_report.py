@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kfac_dist.app.bench.overhead_flops import EIGH_FLOPS_PER_N3, ratio_table
 from kfac_dist.app.bench.overhead_runs import PHASES
+from kfac_dist.methods import EIGH_FLOPS_PER_N3
 
-__all__ = ["TARGET", "flop_rows", "markdown", "plot"]
+__all__ = ["TARGET", "markdown", "plot"]
 
 #: The issue's target: on the ResNet-50 proxy at frequencies (10, 100), K-FAC's step <= 1.15x SGD's.
 TARGET_MODEL, TARGET_FREQ, TARGET = "ResNet-50 proxy", [10, 100], 1.15
@@ -33,11 +32,6 @@ COLORS = {
     "gradient_broadcast": "#8172b3",
     "other": "#bbbbbb",
 }
-
-
-def flop_rows(freqs: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
-    """The FLOP-ratio table (ResNet-50 at 224 / batch 32 vs the proxy) at the benchmark's frequencies."""
-    return ratio_table(freqs)
 
 
 def _ms(value: float) -> str:

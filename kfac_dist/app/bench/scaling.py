@@ -2,55 +2,35 @@
 
 Protocol (``kfac-dist bench scaling``; docs/BENCHMARKS.md section 4 quotes the ``--full`` run):
 
-1. Kernel calibration (one process, 1 thread), each kernel in the form kfac_dist runs it: batched GEMMs
-   ``x^T @ y`` at a few sizes (-> per-call time and FLOP rate), out-of-place elementwise ops (-> per-call time
-   and bandwidth), im2col (``F.unfold``, -> per-call time and rate), ``isfinite(t).all()`` checks (-> per-call
-   time and rate), ``eigh`` at a few n (-> overhead + c n^3), and the proxy model's forward + backward + optimizer
-   step at every per-rank batch of the runs and at ``compute_batches`` (the W = 1 compute; linear in between, so
-   the strong-scaling predictions, from 2048 images per rank down to 2, stay near measured batches).
-2. Network calibration: allreduce, broadcast and reduce of a few sizes on 2 gloo processes over loopback
-   (-> alpha and beta per collective, :class:`~kfac_dist.app.bench.scaling_model.Network`), and on 1 gloo process
-   (-> the local cost of a collective over one rank, which gloo still runs). In that one process also what the library
-   costs beyond its counted kernels: the gradient allreduce per parameter tensor, and K-FAC per layer and phase
-   (measured on a stack of tiny layers, minus what the kernel lines give for them).
-3. Runs: the proxy (ResNet-50's 54 layers at 1/8 width, 32x32 inputs) on W = 1, 2, 4 gloo processes, 1 thread
-   each. Per launch four arms on copies of one initial model: SGD-momentum and SGD-momentum + K-FAC (factors every
-   10 steps, decompositions every 100, the library's defaults otherwise), for *weak* scaling (fixed per-rank batch)
-   and *strong* scaling (fixed global batch). Each arm warms up, then one block of ``block_steps`` steps (a whole
-   inverse period) per arm, in an order that rotates with the round; rounds also rotate the order of W. The first
-   round adds profiled blocks (K-FAC rebuilt with ``profile=True`` from its state) for the phase times; the
-   headline step times come from the unprofiled blocks (median over rounds, rank 0's wall time per step).
-4. Model (:mod:`kfac_dist.app.bench.scaling_model`): predicted step time of SGD and K-FAC at every W of the sweep, with
-   the calibrated network (ranks as separate machines connected like gloo on this host's loopback) and with an
-   *assumed* NCCL / InfiniBand-like network (:data:`IB_NETWORK`), compared with the measured W = 1 and 2 step
-   times (W = 4 is shown but is no validation point: 4 one-thread processes share 2 cores).
+1. Calibration (:mod:`~kfac_dist.app.bench.scaling_runs`): the kernels in the form kfac_dist runs them, the proxy's
+   compute at every per-rank batch, gloo collectives at W = 2 and 1, and what the library costs beyond its kernels.
+2. Runs: the proxy on W = 1, 2, 4 gloo processes (1 thread each), four arms per launch (SGD and K-FAC, weak and
+   strong scaling), one ``block_steps`` block per arm and round in a rotating order; the first round adds profiled
+   blocks for the phases; step times are medians over rounds of rank 0's unprofiled blocks.
+3. Model (:mod:`~kfac_dist.app.bench.scaling_model`): predicted SGD and K-FAC step times at every W of the sweep
+   with the calibrated network and an assumed NCCL/InfiniBand-like one (:data:`IB_NETWORK`), compared with the
+   measured W = 1 and 2 step times (W = 4 is no validation point: 4 one-thread processes share 2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-from kfac_dist.app.bench.common import BenchRun, positive_int, write_outputs
-from kfac_dist.app.bench.gloo_runs import BENCH_LIMITS, ProxySpec
-from kfac_dist.app.bench.overhead_flops import layer_flops
+from kfac_dist.app.bench.common import PROXY, Log, ModelSpec, positive_int
+from kfac_dist.app.bench.gloo_runs import BENCH_LIMITS
+from kfac_dist.app.bench.overhead_flops import model_layers
 from kfac_dist.app.bench.scaling_model import (
+    FRACTIONS,
     KFAC_PHASES,
-    LAYER_PHASES,
     Kernels,
-    LayerWork,
     Network,
+    StepLayer,
     StepModel,
     fit_line,
-    layer_work,
     predict_kfac,
     predict_sgd,
 )
@@ -64,11 +44,12 @@ from kfac_dist.app.bench.scaling_runs import (
 )
 from kfac_dist.app.processes import run_gloo
 from kfac_dist.comm.accounting import collective_bytes
-from kfac_dist.planner import layer_shapes
+from kfac_dist.placement import LayerShape
+from kfac_dist.work import LAYER_PHASES
 
-__all__ = ["IB_NETWORK", "Settings", "add_arguments", "main", "run", "run_benchmark"]
+__all__ = ["FULL", "IB_NETWORK", "Settings", "add_arguments", "run", "run_benchmark"]
 
-Log = Callable[[str], None]
+FULL = "the docs/ run: 3 rounds"
 #: Assumed (not measured here): one HDR InfiniBand link per rank, 200 Gb/s = 25 GB/s per direction, of which
 #: about 23 GB/s is reached by NCCL's bus bandwidth; 5 us per message, two messages per log2 level. A collective
 #: over one rank is taken as free (NCCL copies on the device at most).
@@ -78,19 +59,13 @@ IB_NETWORK = Network(
     beta=dict.fromkeys(("allreduce", "reduce", "broadcast"), 1.0 / 23e9),
     source="assumed: HDR InfiniBand 200 Gb/s per rank (~23 GB/s achieved), 5 us per message",
 )
-#: Grad-worker fractions of the predictions (the runs use the library's default, comm-opt).
-FRACTIONS: dict[str, Callable[[int], float]] = {
-    "comm-opt": lambda w: 1.0,
-    "hybrid-opt": lambda w: 0.5,
-    "mem-opt": lambda w: 1.0 / w,
-}
 
 
 @dataclass
 class Settings:
     """Everything a benchmark run depends on (stored in the JSON)."""
 
-    proxy: ProxySpec = field(default_factory=ProxySpec)
+    proxy: ModelSpec = PROXY
     world_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
     weak_batch: int = 32
     strong_global: int = 64
@@ -151,11 +126,10 @@ def overheads_from(local: dict[str, Any], kernels: Kernels) -> Kernels:
     counts = sorted(int(t) for t in local["grad_sync"])
     times = {int(t): s for t, s in local["grad_sync"].items()}
     per_tensor = fit_line(counts, [times[t] for t in counts]).slope - kernels.copy.intercept
-    shape = TINY_LAYER
-    tiny = LayerWork("tiny", 9 * shape["channels"], shape["channels"], 1, shape["side"] ** 2)
+    channels, side, batch = TINY_LAYER["channels"], TINY_LAYER["side"], TINY_LAYER["batch"]
+    tiny = StepLayer(LayerShape("tiny", 9 * channels, channels, grad_numel=9 * channels**2), side**2, unfold=True)
     overhead = {
-        phase: max(0.0, local["tiny"][phase] - layer_work(tiny, phase, shape["batch"]).seconds(kernels))
-        for phase in LAYER_PHASES
+        phase: max(0.0, local["tiny"][phase] - kernels.seconds(tiny.work(phase, batch))) for phase in LAYER_PHASES
     }
     return replace(kernels, layer_overhead=overhead, tensor_overhead=max(0.0, per_tensor))
 
@@ -183,22 +157,13 @@ def network_from(raw: dict[str, dict[int, float]], local: dict[str, dict[int, fl
     return Network("gloo loopback (calibrated)", alpha, beta, source, local_alpha, local_beta)
 
 
-def _unfolds(module: nn.Module) -> bool:
-    """Whether kfac_dist takes the module's A rows through ``F.unfold`` (a convolution with a kernel > 1x1)."""
-    return isinstance(module, nn.Conv1d | nn.Conv2d) and any(k > 1 for k in module.kernel_size)
-
-
-def step_model(proxy: ProxySpec, freq: tuple[int, int]) -> StepModel:
+def step_model(proxy: ModelSpec, freq: tuple[int, int]) -> StepModel:
     """The proxy as the step model sees it (meta device: nothing allocated)."""
-    flops = layer_flops(proxy.builder, 2, proxy.input_shape, **proxy.kwargs)  # batch 2: BatchNorm needs > 1
-    meta = proxy.build_meta()
-    modules = dict(meta.named_modules())
-    layers = tuple(LayerWork(x.name, x.a, x.g, x.blocks, x.rows // 2, _unfolds(modules[x.name])) for x in flops)
-    params = list(meta.parameters())
+    layers = model_layers(proxy, 2)  # batch 2: BatchNorm needs > 1
+    params = list(proxy.build_meta().parameters())
     return StepModel(
         name=f"{proxy.builder} {proxy.kwargs}",
-        layers=layers,
-        shapes=layer_shapes(meta),
+        layers=tuple(StepLayer(x.shape, x.rows // 2, x.unfold) for x in layers),
         param_tensors=len(params),
         param_numel=sum(p.numel() for p in params),
         freq=freq,
@@ -346,19 +311,16 @@ def run_benchmark(settings: Settings, log: Log = print) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``kfac-dist bench scaling``."""
-    parser.add_argument("--full", action="store_true", help="the docs/ run: 3 rounds")
     parser.add_argument("--world-sizes", nargs="+", type=positive_int, default=[1, 2, 4], help="real gloo runs at W")
     parser.add_argument("--weak-batch", type=positive_int, default=32, help="per-rank batch of weak scaling")
     parser.add_argument("--strong-global", type=positive_int, default=64, help="global batch of strong scaling")
     parser.add_argument("--block-steps", type=positive_int, default=100, help="steps per timed block")
     parser.add_argument("--warmup-steps", type=positive_int, default=5, help="untimed steps per arm and launch")
-    parser.add_argument("--rounds", type=positive_int, default=None, help="rounds (default 1; --full 3)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/scaling"), help="output path prefix")
-    parser.add_argument("--no-plot", action="store_true", help="skip the PNG (matplotlib not needed)")
+    parser.add_argument("--rounds", type=positive_int, help="rounds (default 1; --full 3)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """The settings of a parsed command line."""
+    """The settings of parsed options."""
     return Settings(
         world_sizes=list(args.world_sizes),
         weak_batch=args.weak_batch,
@@ -369,32 +331,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
-def command_line(args: argparse.Namespace) -> str:
-    """The ``kfac-dist`` command that reproduces a run (options at their defaults left out)."""
-    words = ["kfac-dist", "bench", "scaling"] + (["--full"] if args.full else [])
-    if list(args.world_sizes) != [1, 2, 4]:
-        words += ["--world-sizes", *map(str, args.world_sizes)]
-    defaults = {"weak_batch": 32, "strong_global": 64, "block_steps": 100, "warmup_steps": 5, "rounds": None}
-    for name, default in defaults.items():
-        if getattr(args, name) != default:
-            words += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    return shlex.join([*words, "--out", str(args.out)] + (["--no-plot"] if args.no_plot else []))
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``kfac-dist bench scaling``; write JSON, Markdown and PNG at ``--out``."""
-    from kfac_dist.app.bench import scaling_plot, scaling_report
-
+def run(args: argparse.Namespace, log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the benchmark of parsed options; the results and the settings."""
     settings = settings_from_args(args)
-    record = BenchRun(command_line(args), settings.threads)
-    results = run_benchmark(settings, log=lambda line: print(line, flush=True))
-    results["meta"] = record.meta(asdict(settings))
-    write_outputs(args.out, results, scaling_report.markdown, None if args.no_plot else scaling_plot.plot)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python scripts/bench_scaling.py``: the same options as ``kfac-dist bench scaling``."""
-    parser = argparse.ArgumentParser(prog="bench_scaling", description="Gloo scaling runs and an alpha-beta model.")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_benchmark(settings, log), asdict(settings)

@@ -1,19 +1,8 @@
-"""Measurements of the scaling benchmark (:mod:`kfac_dist.app.bench.scaling`): kernel calibration and gloo runs.
+"""Measurements of the scaling benchmark: kernels, collectives, library overheads and the arms on gloo processes.
 
-- :func:`measure_kernels` (this process, 1 thread): GEMM, memory-bound op, im2col, finite check and ``eigh``
-  times at a few sizes, each in the form kfac_dist runs it (batched ``rows^T @ rows`` products, out-of-place
-  elementwise ops, ``F.unfold``, ``isfinite(t).all()``), and the proxy model's forward + backward + optimizer
-  step at each per-rank batch (the W = 1 compute).
-- :func:`collective_worker` (in W gloo processes): allreduce, broadcast and reduce of a few sizes.
-- :func:`local_worker` (in one gloo process): the same collectives over one rank, and what the library costs
-  beyond its kernels: :func:`~kfac_dist.app.bench.gloo_runs.average_gradients` on models of T tiny parameter tensors
-  (-> seconds per tensor), and K-FAC's phases on a stack of tiny layers (:data:`TINY_LAYER`; -> seconds per layer
-  and phase).
-- :func:`scaling_worker` (in W gloo processes): the arms -- SGD-momentum and SGD-momentum + K-FAC, for weak and
-  strong scaling -- on their own copies of one initial model; warm-up, then one unprofiled block per arm in an
-  order that rotates with the round, then (if asked) one block per arm with K-FAC's ``profile=True``, rebuilt
-  from its ``state_dict()``. Every step averages gradients over the ranks in one flat allreduce
-  (:func:`kfac_dist.app.bench.gloo_runs.average_gradients`) before ``pre.step()``.
+Kernel calibration (:func:`measure_kernels`, this process), collectives (:func:`collective_worker`), the library's
+costs beyond its kernels (:func:`local_worker`, one gloo process) and the arms on W gloo processes
+(:func:`scaling_worker`; every step averages gradients in one flat allreduce).
 """
 
 from __future__ import annotations
@@ -31,9 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfac_dist import KFACPreconditioner
-from kfac_dist.app.bench.gloo_runs import ProxySpec, average_gradients
+from kfac_dist.app.bench.arms import Arm, Block
+from kfac_dist.app.bench.common import ModelSpec
+from kfac_dist.app.bench.gloo_runs import average_gradients
 from kfac_dist.app.bench.scaling_model import FLOAT_BYTES
-from kfac_dist.app.bench.timed_step import new_regions, timed_step
+from kfac_dist.options import KFACOptions
 
 __all__ = ["TINY_LAYER", "ArmSpec", "collective_worker", "local_worker", "measure_kernels", "scaling_worker"]
 
@@ -68,7 +59,7 @@ def _median_time(fn: Callable[..., object], reps: int, *args: Any) -> float:
 
 
 def measure_kernels(
-    proxy: ProxySpec,
+    proxy: ModelSpec,
     batches: list[int],
     gemm_sizes: list[tuple[int, int, int]],
     copy_bytes: list[int],
@@ -115,11 +106,11 @@ def measure_kernels(
         torch.set_num_threads(threads)
 
 
-def _compute_step(proxy: ProxySpec, batch: int, steps: int, blocks: int) -> dict[str, float]:
+def _compute_step(proxy: ModelSpec, batch: int, steps: int, blocks: int) -> dict[str, float]:
     """Forward + backward and optimizer seconds per step at `batch` (one process, no communication)."""
     model = proxy.build()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.randn(batch, *proxy.input_shape), torch.randint(0, proxy.num_classes, (batch,))
+    x, y = proxy.batch(batch)
     results: dict[str, list[float]] = {"forward_backward": [], "optimizer": []}
     for block in range(blocks + 1):
         fwd_bwd = opt = 0.0
@@ -205,66 +196,23 @@ def tiny_phase_times(layers: int, steps: int = 10, blocks: int = 3) -> dict[str,
     return {phase: statistics.median(values) for phase, values in results.items()}
 
 
-class _Arm:
-    """An arm on its own copy of the initial model; optionally preconditioned by K-FAC (factors 10, inverse 100)."""
-
-    def __init__(self, spec: ArmSpec, model: nn.Module, proxy: ProxySpec, rank: int, freq: tuple[int, int]) -> None:
-        self.spec, self.model, self.freq = spec, model, freq
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        generator = torch.Generator().manual_seed(1000 + rank)
-        self.batches = [
-            (torch.randn(spec.batch, *proxy.input_shape, generator=generator),
-             torch.randint(0, proxy.num_classes, (spec.batch,), generator=generator))
-            for _ in range(4)
-        ]  # fmt: skip
-        self.pre = self._preconditioner(False) if spec.optimizer == "kfac" else None
-        self.position = 0
-
-    def _preconditioner(self, profile: bool) -> KFACPreconditioner:
-        f, p = self.freq
-        return KFACPreconditioner(self.model, lr=0.01, factor_update_steps=f, inv_update_steps=p, profile=profile)
-
-    def rebuild(self, profile: bool) -> None:
-        """The same K-FAC state in a preconditioner with ``profile`` (collective: every rank calls it)."""
-        if self.pre is not None:
-            state = self.pre.state_dict()
-            self.pre.remove_hooks()
-            self.pre = self._preconditioner(profile)
-            self.pre.load_state_dict(state)
-
-    def run(self, steps: int, profiled: bool = False) -> dict[str, Any]:
-        """Train `steps` steps; wall and CPU seconds and the timed regions (library phases when profiled)."""
-        pre, model, optimizer = self.pre, self.model, self.optimizer
-        sums = new_regions()
-        if pre is not None:
-            pre.reset_phase_times()
-        clock = time.perf_counter
-        cpu, start = time.process_time(), clock()
-        for _ in range(steps):
-            batch = self.batches[self.position % len(self.batches)]
-            self.position += 1
-            timed_step(model, optimizer, pre, batch, sums, profiled, sync=average_gradients)
-        wall = clock() - start
-        regions = {
-            "forward": sums["zero_grad"] + sums["forward"],
-            "backward": sums["backward"],
-            "grad_allreduce": sums["grad_sync"],
-            "kfac": sums["kfac_step"],
-            "optimizer": sums["optimizer_step"],
-            "factor_in_forward": sums["factor_in_forward"],
-        }
-        out: dict[str, Any] = {"steps": steps, "wall": wall, "cpu": time.process_time() - cpu, "regions": regions}
-        if profiled and pre is not None:
-            out["library"] = pre.phase_times()
-        if pre is not None:
-            out["health"] = pre.health()
-        return out
+def _block(arm: Arm, block: Block) -> dict[str, Any]:
+    """A block as the JSON stores it: the regions in the model's terms, the library's phases if profiled."""
+    r = block.regions
+    regions = {"forward": r["zero_grad"] + r["forward"], "backward": r["backward"], "grad_allreduce": r["grad_sync"]}
+    regions |= {"kfac": r["kfac_step"], "optimizer": r["optimizer_step"], "factor_in_forward": r["factor_in_forward"]}
+    out: dict[str, Any] = {"steps": block.steps, "wall": block.wall, "cpu": block.cpu, "regions": regions}
+    if block.library:
+        out["library"] = block.library
+    if arm.pre is not None:
+        out["health"] = arm.pre.health()
+    return out
 
 
 def scaling_worker(
     rank: int,
     world_size: int,
-    proxy: ProxySpec,
+    proxy: ModelSpec,
     arms: list[ArmSpec],
     block_steps: int,
     warmup_steps: int,
@@ -274,19 +222,24 @@ def scaling_worker(
 ) -> dict[str, Any]:
     """One gloo launch: warm-up, one unprofiled block per arm (rotated order), then the profiled blocks."""
     initial = proxy.build()
-    runs = [_Arm(spec, copy.deepcopy(initial), proxy, rank, freq) for spec in arms]
+    runs = []
+    for spec in arms:
+        generator = torch.Generator().manual_seed(1000 + rank)
+        batches = [proxy.batch(spec.batch, generator) for _ in range(4)]
+        kfac = KFACOptions(factor_update_steps=freq[0], inv_update_steps=freq[1]) if spec.optimizer == "kfac" else None
+        runs.append(Arm(spec.name, copy.deepcopy(initial), batches, kfac, sync=average_gradients))
     for arm in runs:
         arm.run(warmup_steps)
     order = runs[rotation % len(runs) :] + runs[: rotation % len(runs)]
-    blocks = {arm.spec.name: arm.run(block_steps) for arm in order}
+    blocks = {arm.name: _block(arm, arm.run(block_steps)) for arm in order}
     profiled: dict[str, Any] = {}
     if profile:
         for arm in runs:
             arm.rebuild(profile=True)
-        profiled = {arm.spec.name: arm.run(block_steps, profiled=True) for arm in runs}
+        profiled = {arm.name: _block(arm, arm.run(block_steps)) for arm in runs}
     return {
         "rank": rank,
-        "order": [arm.spec.name for arm in order],
+        "order": [arm.name for arm in order],
         "blocks": blocks,
         "profiled": profiled,
         "arms": [asdict(spec) for spec in arms],

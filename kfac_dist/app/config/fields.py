@@ -10,12 +10,15 @@ however it was made: by the YAML loader or directly in code.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 import types
 import typing
 from collections.abc import Sequence
 from typing import Any, ClassVar, get_args, get_origin, get_type_hints
+
+import torch
 
 from kfac_dist.options import Range
 
@@ -91,10 +94,13 @@ def option(
 
 
 def _alternatives(annotation: Any) -> tuple[Any, ...]:
-    """The members of a union annotation, or the annotation itself."""
-    if get_origin(annotation) in (typing.Union, types.UnionType):
-        return get_args(annotation)
-    return (annotation,)
+    """The members of a union annotation (or the annotation itself) that a YAML value can take.
+
+    A library option (:class:`kfac_dist.options.KFACOptions`) may also take a callable of the step or a
+    ``torch.dtype``; a config cannot, so those members are left out.
+    """
+    members = get_args(annotation) if get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return tuple(m for m in members if get_origin(m) is not collections.abc.Callable and m is not torch.dtype)
 
 
 def section_type(annotation: Any) -> type[Section] | None:

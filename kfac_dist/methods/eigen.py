@@ -1,0 +1,59 @@
+"""``compute_method="eigen"``: eigendecompositions of A and G, the exact damped Kronecker inverse."""
+
+from __future__ import annotations
+
+import torch
+
+from kfac_dist import curvature
+from kfac_dist.methods.base import ComputeMethod, Decomposition, Field
+from kfac_dist.placement import LayerShape
+
+#: Floating-point operations of a symmetric eigendecomposition with eigenvectors, per n^3 (Golub & Van Loan's ~9).
+EIGH_FLOPS_PER_N3 = 9.0
+
+
+class EigenMethod(ComputeMethod):
+    """``(A (x) G + d I)^-1 vec(M)`` through the eigenbases: ``Q_G [(Q_G^T M Q_A) / (l_G l_A^T + d)] Q_A^T``.
+
+    Fields: Q_A (none for a diagonal A), l_A, Q_G, l_G; eigenbases are not symmetric, so nothing is packed.
+    """
+
+    name = "eigen"
+    presence_field = "q_g"
+
+    def fields(self, shape: LayerShape) -> list[Field]:
+        """Q_A (not for a diagonal A), l_A, Q_G, l_G."""
+        b, n, m = shape.blocks, shape.a_side, shape.g_side
+        q_a: list[Field] = [] if shape.a_diagonal else [("q_a", (b, n, n), False)]
+        return [*q_a, ("l_a", (b, n), False), ("q_g", (b, m, m), False), ("l_g", (b, m), False)]
+
+    def decompose(
+        self, a: torch.Tensor, g: torch.Tensor, *, a_diagonal: bool, damping: float, dtype: torch.dtype
+    ) -> Decomposition:
+        """Eigenvalues (clamped at 0) and eigenvectors of A and G; a diagonal A is its own eigenvalues."""
+        l_g, q_g = curvature.symmetric_eigh(g, dtype)
+        if a_diagonal:
+            return Decomposition(self.name, {"l_a": a.to(dtype).clamp(min=0.0), "q_g": q_g, "l_g": l_g})
+        l_a, q_a = curvature.symmetric_eigh(a, dtype)
+        return Decomposition(self.name, {"q_a": q_a, "l_a": l_a, "q_g": q_g, "l_g": l_g})
+
+    def precondition(self, decomposition: Decomposition, grad: torch.Tensor, damping: float) -> torch.Tensor:
+        """Rotate into the eigenbases, divide by ``l_G l_A^T + d``, rotate back."""
+        t = decomposition.tensors
+        q_g, q_a = t["q_g"], t.get("q_a")
+        rotated = q_g.transpose(1, 2) @ grad.to(q_g.dtype)
+        if q_a is not None:
+            rotated = rotated @ q_a
+        rotated = rotated / (t["l_g"].unsqueeze(2) * t["l_a"].unsqueeze(1) + damping)
+        result = q_g @ rotated
+        return result if q_a is None else result @ q_a.transpose(1, 2)
+
+    def decomposition_flops(self, shape: LayerShape) -> float:
+        """``c (a^3 + g^3)`` per block, ``c`` = :data:`EIGH_FLOPS_PER_N3` (a diagonal A costs nothing)."""
+        a_cube = 0.0 if shape.a_diagonal else float(shape.a_side) ** 3
+        return EIGH_FLOPS_PER_N3 * (a_cube + float(shape.g_side) ** 3) * shape.blocks
+
+    def precondition_flops(self, shape: LayerShape) -> float:
+        """Four GEMMs per block, ``4 a g (a + g)`` (rotate in, rotate out)."""
+        a, g = shape.a_side, shape.g_side
+        return 4.0 * a * g * (a + g) * shape.blocks
