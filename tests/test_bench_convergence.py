@@ -17,7 +17,7 @@ import pytest
 
 from kfac_dist.app.bench import convergence_report
 from kfac_dist.app.bench.convergence import Settings, run_benchmark, summarize, tuning_score
-from kfac_dist.app.bench.convergence_runs import METHOD_TITLES, METHODS, TASKS, RunRecord, batch_order, first_crossing
+from kfac_dist.app.bench.convergence_runs import METHOD_TITLES, METHODS, TASKS, RunRecord, batch_order
 from kfac_dist.app.cli import main
 
 # Loose targets so that a few steps reach them; an unreachable accuracy target is checked separately.
@@ -34,6 +34,14 @@ def tiny_results() -> dict[str, Any]:
 def _median(values: list[float]) -> float | None:
     value = statistics.median(values)
     return value if math.isfinite(value) else None
+
+
+def first_crossing(values: list[float], target: float, below: bool) -> int | None:
+    """The test's own reading of a curve: the first index ``<= target`` (``below``) or ``>= target``; None if none."""
+    for i, v in enumerate(values):
+        if math.isfinite(v) and (v <= target if below else v >= target):
+            return i
+    return None
 
 
 def check_run(run: dict[str, Any], loss_target: float, acc_target: float, max_steps: int) -> None:

@@ -1,11 +1,4 @@
-"""Benchmarks behind ``kfac-dist bench NAME [options]``: one module ``kfac_dist.app.bench.NAME`` each.
-
-- ``convergence``: steps and wall time to a training-loss and a test-accuracy target, SGD-momentum + K-FAC vs
-  SGD-momentum vs Adam, each tuned on a grid.
-- ``overhead``: per-step time of K-FAC vs SGD in one process, with a phase breakdown.
-- ``comm``: bytes and K-FAC memory per rank from the planner (ResNet-50, ours vs KAISA), checked on real gloo runs.
-- ``scaling``: real gloo runs at small W and a calibrated latency-bandwidth model of K-FAC and SGD step times to
-  W = 1024.
+"""Benchmarks behind ``kfac-dist bench NAME [options]`` (:data:`BENCHMARKS`; docs/BENCHMARKS.md): one module each.
 
 A benchmark module has ``FULL`` (the help of ``--full``), ``add_arguments(parser)`` (its own options) and
 ``run(args, log) -> (results, settings)``; its ``NAME_report`` module has ``markdown(results)`` and

@@ -1,15 +1,6 @@
 """Communication and memory per rank: ResNet-50 from the planner, ours beside KAISA, checked on real gloo runs.
 
-Protocol (``kfac-dist bench comm``; docs/BENCHMARKS.md section 3 quotes the ``--full`` run):
-
-1. Planner (no processes): for ResNet-50 at every W of ``--world-sizes``, every grad-worker fraction (1/W, 0.5, 1)
-   and every scheme of :data:`~kfac_dist.app.bench.comm_report.SCHEMES` on the same placement, the bytes each rank
-   sends + receives per kind of step and amortised over (10, 100), and its K-FAC memory; mean and max over ranks.
-2. Real runs: ResNet-50 at width 1/8 (:data:`~kfac_dist.app.bench.common.PROXY`) trains ``--check-steps`` steps on
-   W = 2 and 4 gloo processes for every fraction and scheme; every step's ``comm_stats()`` difference and the final
-   ``memory_usage()`` of every rank must *equal* the planner's
-   (:func:`~kfac_dist.app.bench.gloo_runs.check_against_planner`); ``--full`` runs one whole period (100 steps),
-   so the totals must also equal 100 times the amortised bytes.
+Protocol: docs/BENCHMARKS.md section 3.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kfac_dist.app.bench.common import md_header, md_row
+from kfac_dist.app.bench.common import md_table
+from kfac_dist.app.units import MIB
 
 __all__ = ["FRACTIONS", "FRACTION_TITLES", "SCHEMES", "SCHEME_TITLES", "markdown", "plot"]
 
@@ -24,90 +25,73 @@ SCHEME_TITLES = {
     "kaisa_packed": "KAISA + triangles",
 }
 
-MIB = 2**20
 COLORS = {"mem-opt": "#c44e52", "hybrid-opt": "#4c72b0", "comm-opt": "#55a868"}
 STYLES = {"ours": "-", "kaisa": "--", "kaisa_packed": ":"}
-KINDS = (("factor", "factor"), ("inverse", "inverse"), ("plain", "plain"))
+KINDS = ("factor", "inverse", "plain")
 
 
 def _mib(value: float) -> str:
     return f"{value / MIB:,.1f}" if value >= 10 * MIB else f"{value / MIB:,.2f}"
 
 
+def _wf(row: dict[str, Any]) -> list[str]:
+    return [str(row["world_size"]), FRACTION_TITLES[row["fraction"]]]
+
+
 def bytes_table(rows: list[dict[str, Any]]) -> list[str]:
     """Amortised traffic per rank per step (MiB), mean and max over ranks, per scheme."""
-    lines = md_header(
-        ["W", "f", "g", "ours mean", "ours max", "KAISA mean", "KAISA max", "KAISA+tri max", "ours / KAISA (max)"]
-    )
+    head = ["W", "f", "g", "ours mean", "ours max", "KAISA mean", "KAISA max", "KAISA+tri max", "ours / KAISA (max)"]
+    body = []
     for row in rows:
         s = {k: v["bytes"]["amortised"] for k, v in row["schemes"].items()}
         ratio = s["ours"]["max"] / s["kaisa"]["max"] if s["kaisa"]["max"] else float("nan")
-        lines.append(
-            md_row(
-                [str(row["world_size"]), FRACTION_TITLES[row["fraction"]], str(row["grad_workers"])]
-                + [_mib(s[k][m]) for k in ("ours", "kaisa") for m in ("mean", "max")]
-                + [_mib(s["kaisa_packed"]["max"]), f"{ratio:.2f}"]
-            )
-        )
-    return lines
+        cells = [_mib(s[k][m]) for k in ("ours", "kaisa") for m in ("mean", "max")] + [_mib(s["kaisa_packed"]["max"])]
+        body.append([*_wf(row), str(row["grad_workers"]), *cells, f"{ratio:.2f}"])
+    return md_table(head, body)
 
 
 def kinds_table(rows: list[dict[str, Any]]) -> list[str]:
     """Traffic per rank (max over ranks, MiB) in each kind of step, ours and KAISA's, with the main category."""
-    head = ["W", "f"] + [f"{s} {k} step" for s in ("ours", "KAISA") for k, _ in KINDS]
-    lines = md_header(head)
-    for row in rows:
-        cells = [str(row["world_size"]), FRACTION_TITLES[row["fraction"]]]
-        for scheme in ("ours", "kaisa"):
-            per_kind = row["schemes"][scheme]["bytes"]
-            cells += [_mib(per_kind[kind]["max"]) if kind in per_kind else "-" for kind, _ in KINDS]
-        lines.append(md_row(cells))
-    return lines
+    head = ["W", "f"] + [f"{s} {k} step" for s in ("ours", "KAISA") for k in KINDS]
+    per_kind = [(row, [row["schemes"][s]["bytes"] for s in ("ours", "kaisa")]) for row in rows]
+    return md_table(
+        head, (_wf(r) + [_mib(b[k]["max"]) if k in b else "-" for b in bs for k in KINDS] for r, bs in per_kind)
+    )
 
 
 def category_table(rows: list[dict[str, Any]]) -> list[str]:
     """Amortised traffic by category (max over ranks, MiB), ours and KAISA's."""
-    cats = ("factor_reduce", "decomposition_broadcast", "gradient_broadcast")
-    short = {"factor_reduce": "factors", "decomposition_broadcast": "decomp.", "gradient_broadcast": "gradients"}
-    lines = md_header(["W", "f"] + [f"{s} {short[c]}" for s in ("ours", "KAISA") for c in cats])
-    for row in rows:
-        cells = [str(row["world_size"]), FRACTION_TITLES[row["fraction"]]]
-        for scheme in ("ours", "kaisa"):
-            by = row["schemes"][scheme]["bytes"]["amortised"]["by_category"]
-            cells += [_mib(by[c]["max"]) for c in cats]
-        lines.append(md_row(cells))
-    return lines
+    cats = {"factor_reduce": "factors", "decomposition_broadcast": "decomp.", "gradient_broadcast": "gradients"}
+    head = ["W", "f"] + [f"{s} {short}" for s in ("ours", "KAISA") for short in cats.values()]
+    by = [(row, [row["schemes"][s]["bytes"]["amortised"]["by_category"] for s in ("ours", "kaisa")]) for row in rows]
+    return md_table(head, (_wf(r) + [_mib(b[c]["max"]) for b in bs for c in cats] for r, bs in by))
 
 
 def memory_table(rows: list[dict[str, Any]]) -> list[str]:
     """K-FAC memory per rank (MiB): ours by category (max over ranks), totals beside KAISA's."""
     head = ["W", "f", "ours factors", "ours decompositions", "ours buffers", "ours total max", "ours total mean"]
     head += ["KAISA total max", "KAISA+tri total max", "ours / KAISA (max)"]
-    lines = md_header(head)
+    body = []
     for row in rows:
-        ours = row["schemes"]["ours"]["memory"]
-        kaisa = row["schemes"]["kaisa"]["memory"]
-        cells = [str(row["world_size"]), FRACTION_TITLES[row["fraction"]]]
-        cells += [_mib(ours["by_category_max"][c]) for c in ("factors", "decompositions", "buffers")]
-        cells += [_mib(ours["max"]), _mib(ours["mean"]), _mib(kaisa["max"])]
-        cells += [_mib(row["schemes"]["kaisa_packed"]["memory"]["max"]), f"{ours['max'] / kaisa['max']:.2f}"]
-        lines.append(md_row(cells))
-    return lines
+        ours, kaisa, packed = (row["schemes"][s]["memory"] for s in SCHEMES)
+        cells = _wf(row) + [_mib(ours["by_category_max"][c]) for c in ("factors", "decompositions", "buffers")]
+        cells += [_mib(ours["max"]), _mib(ours["mean"]), _mib(kaisa["max"]), _mib(packed["max"])]
+        body.append([*cells, f"{ours['max'] / kaisa['max']:.2f}"])
+    return md_table(head, body)
 
 
 def check_table(cases: list[dict[str, Any]]) -> list[str]:
     """The real gloo runs beside the planner: one row per W, fraction and scheme."""
     head = ["W", "f", "g", "scheme", "steps (kinds)", "bytes recorded, per rank (MiB)", "memory per rank (MiB)"]
-    lines = md_header([*head, "integers compared", "equal to the planner"])
+    body = []
     for case in cases:
         equal = "yes" if case["equal"] else f"**no** ({len(case['mismatches'])}+ mismatches)"
         if "amortised_equal" in case:
             equal += ", amortised: " + ("yes" if case["amortised_equal"] else "**no**")
-        cells = [str(case["world_size"]), FRACTION_TITLES[case["fraction"]], str(case["grad_workers"])]
-        cells += [SCHEME_TITLES[case["scheme"]], f"{case['steps']} ({', '.join(case['kinds'])})"]
-        cells += [" / ".join(_mib(t) for t in case["traffic"]), " / ".join(_mib(m) for m in case["memory"])]
-        lines.append(md_row([*cells, f"{case['compared']:,}", equal]))
-    return lines
+        cells = [*_wf(case), str(case["grad_workers"]), SCHEME_TITLES[case["scheme"]]]
+        cells += [f"{case['steps']} ({', '.join(case['kinds'])})", " / ".join(_mib(t) for t in case["traffic"])]
+        body.append([*cells, " / ".join(_mib(m) for m in case["memory"]), f"{case['compared']:,}", equal])
+    return md_table([*head, "integers compared", "equal to the planner"], body)
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ import os
 import platform
 import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,10 @@ __all__ = [
     "ModelSpec",
     "command_line",
     "machine",
+    "load_text",
     "md_header",
     "md_row",
+    "md_table",
     "positive_int",
     "run",
     "write_outputs",
@@ -94,6 +96,16 @@ def md_row(cells: Sequence[str]) -> str:
 def md_header(cells: Sequence[str]) -> list[str]:
     """A Markdown table's header row and separator."""
     return [md_row(cells), "|" + "---|" * len(cells)]
+
+
+def md_table(head: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """A Markdown table: header, separator and one line per row."""
+    return [*md_header(head), *map(md_row, rows)]
+
+
+def load_text(pairs: Sequence[Sequence[float]]) -> str:
+    """Load averages before / after as ``"1.0, 0.9, 0.8 / 1.2, 1.0, 0.9"``."""
+    return " / ".join(", ".join(f"{x:.1f}" for x in triple) for triple in pairs)
 
 
 def machine() -> str:

@@ -1,11 +1,6 @@
 """Convergence benchmark: steps and wall time to a target, SGD-momentum + K-FAC vs SGD-momentum vs Adam.
 
-Protocol (``kfac-dist bench convergence``; docs/BENCHMARKS.md section 2 quotes the ``--full`` run): every grid
-point of every method trains on the tuning seeds (100, ...) until it reaches both targets; each method keeps the
-point with the lowest median steps to both (ties: summed steps, then final loss). Then on every measured seed
-(0, ...) the tuned methods run back to back for the full budget (order rotating with the seed, one thread, same
-initial weights and batches). Steps (training seconds) to a target: the first checkpoint where the curve crosses
-it; a run that never does counts as infinite in the medians. K-FAC's ratios are ratios of medians.
+Protocol: docs/BENCHMARKS.md section 2.
 """
 
 from __future__ import annotations
@@ -66,20 +61,16 @@ def _median(values: list[float]) -> float:
     return statistics.median([math.inf if math.isnan(v) else v for v in values]) if values else math.inf
 
 
-def _steps_to(run: RunRecord, key: str) -> float:
-    value = getattr(run, f"steps_to_{key}")
-    return math.inf if value is None else float(value)
-
-
-def _seconds_to(run: RunRecord, key: str) -> float:
-    value = getattr(run, f"seconds_to_{key}")
+def _to(run: RunRecord, key: str, unit: str = "steps") -> float:
+    """Steps (or seconds) of `run` to target `key`; +inf if not reached."""
+    value = getattr(run, f"{unit}_to_{key}")
     return math.inf if value is None else float(value)
 
 
 def tuning_score(runs: list[RunRecord]) -> tuple[float, float, float]:
     """Sort key of a grid point: median steps to both targets, median summed steps, median final loss."""
-    both = [max(_steps_to(r, "loss"), _steps_to(r, "acc")) for r in runs]
-    summed = [_steps_to(r, "loss") + _steps_to(r, "acc") for r in runs]
+    both = [max(_to(r, "loss"), _to(r, "acc")) for r in runs]
+    summed = [_to(r, "loss") + _to(r, "acc") for r in runs]
     return _median(both), _median(summed), _median([r.train_loss[-1] for r in runs])
 
 
@@ -100,24 +91,23 @@ def summarize(runs: list[RunRecord], best: dict[str, Hyper]) -> dict[str, Any]:
         mine = [r for r in runs if r.method == method]
         entry: dict[str, Any] = {"hyper": best[method], "runs": len(mine)}
         for key in ("loss", "acc"):
-            steps = [_steps_to(r, key) for r in mine]
+            steps = [_to(r, key) for r in mine]
             entry[key] = {
                 "reached": sum(math.isfinite(s) for s in steps),
                 "median_steps": finite_or_none(_median(steps)),
-                "median_seconds": finite_or_none(_median([_seconds_to(r, key) for r in mine])),
+                "median_seconds": finite_or_none(_median([_to(r, key, "seconds") for r in mine])),
             }
         entry["ms_per_step"] = finite_or_none(_median([r.ms_per_step() for r in mine]))
         entry["final_train_loss"] = finite_or_none(_median([r.train_loss[-1] for r in mine]))
         entry["final_test_acc"] = statistics.median([r.test_acc[-1] for r in mine]) if mine else None
         methods[method] = entry
-    ratios: dict[str, Any] = {}
-    for base in ("sgd", "adam"):
-        ratios[f"kfac/{base}"] = {}
-        for key in ("loss", "acc"):
-            ratios[f"kfac/{base}"][key] = {}
-            for unit in ("steps", "seconds"):
-                mine, theirs = methods["kfac"][key][f"median_{unit}"], methods[base][key][f"median_{unit}"]
-                ratios[f"kfac/{base}"][key][unit] = mine / theirs if mine is not None and theirs else None
+
+    def ratio(base: str, key: str, unit: str) -> float | None:
+        mine, theirs = methods["kfac"][key][f"median_{unit}"], methods[base][key][f"median_{unit}"]
+        return mine / theirs if mine is not None and theirs else None
+
+    units = ("steps", "seconds")
+    ratios = {f"kfac/{b}": {k: {u: ratio(b, k, u) for u in units} for k in ("loss", "acc")} for b in ("sgd", "adam")}
     return {"methods": methods, "ratios": ratios}
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from kfac_dist.app.bench.common import load_text, md_table
 from kfac_dist.app.bench.convergence_runs import METHOD_TITLES, METHODS
 
 __all__ = ["markdown", "median_curves", "plot"]
@@ -24,10 +25,6 @@ def _grid(points: list[dict[str, float]]) -> str:
     """A grid as value sets: ``lr {0.03, 0.1} x damping {0.3, 1}``."""
     names = list(points[0]) if points else []
     return " x ".join(f"{n} {{{', '.join(f'{v:g}' for v in sorted({p[n] for p in points}))}}}" for n in names)
-
-
-def _loads(pairs: list[list[float]]) -> str:
-    return " / ".join(", ".join(f"{x:.1f}" for x in triple) for triple in pairs) or "?"
 
 
 def _num(value: float | None, fmt: str, missing: str = "not reached") -> str:
@@ -48,10 +45,10 @@ def _task_section(name: str, summary: dict[str, Any], seeds: int) -> list[str]:
         f"training split) <= {task['loss_target']:g}; test accuracy >= {task['acc_target']:g}. Medians over "
         f"{seeds} seeds; seconds are training time only (evaluation excluded).",
         "",
-        "| method | tuned hyperparameters | loss target: reached | steps | seconds "
-        "| accuracy target: reached | steps | seconds | ms/step | final loss | final accuracy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    head = ["method", "tuned hyperparameters", "loss target: reached", "steps", "seconds"]
+    head += ["accuracy target: reached", "steps", "seconds", "ms/step", "final loss", "final accuracy"]
+    body = []
     for method in METHODS:
         m = summary["methods"][method]
         edge = f" (grid edge: {', '.join(m['grid_edges'])})" if m.get("grid_edges") else ""
@@ -60,16 +57,14 @@ def _task_section(name: str, summary: dict[str, Any], seeds: int) -> list[str]:
             t = m[key]
             cells += [f"{t['reached']}/{m['runs']}", _num(t["median_steps"], ".0f"), _num(t["median_seconds"], ".3g")]
         cells += [_num(m["ms_per_step"], ".2f"), _num(m["final_train_loss"], ".4f"), _num(m["final_test_acc"], ".3f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| ratio of medians | loss target: steps | seconds | accuracy target: steps | seconds |",
-        "|---|---|---|---|---|",
+        body.append(cells)
+    ratios = [
+        [f"K-FAC / {METHOD_TITLES[base]}"]
+        + [_ratio(summary["ratios"][f"kfac/{base}"][key][unit]) for key in TARGETS for unit in ("steps", "seconds")]
+        for base in ("sgd", "adam")
     ]
-    for base in ("sgd", "adam"):
-        r = summary["ratios"][f"kfac/{base}"]
-        cells = [_ratio(r[key][unit]) for key in TARGETS for unit in ("steps", "seconds")]
-        lines.append(f"| K-FAC / {METHOD_TITLES[base]} | " + " | ".join(cells) + " |")
+    head_ratios = ["ratio of medians", "loss target: steps", "seconds", "accuracy target: steps", "seconds"]
+    lines += [*md_table(head, body), "", *md_table(head_ratios, ratios)]
     if name == HEADLINE_TASK:
         lines += ["", *_headline(summary)]
     lines += ["", "Tuning (median steps to both targets over the tuning seeds; - : not reached):", ""]
@@ -106,7 +101,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"- Date: {meta.get('date', '?')}; machine: {meta.get('machine', '?')}; {meta.get('threads', 1)} thread per "
         f"process; torch {meta.get('torch', '?')}; benchmark wall time {meta.get('wall_seconds', 0) / 60:.1f} min; "
-        f"load average (1/5/15 min) before / after: {_loads(meta.get('load_average_before_after', []))}.",
+        f"load average (1/5/15 min) before / after: {load_text(meta.get('load_average_before_after', [])) or '?'}.",
         f"- Command: `{meta.get('command', '?')}`",
         f"- Tuning seeds {settings.get('tuning_seeds')}, measured seeds {settings.get('seeds')} (methods interleaved "
         "per seed, order rotating). K-FAC: eigen, factors every "

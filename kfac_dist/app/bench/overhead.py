@@ -1,14 +1,6 @@
 """Overhead benchmark: time per training step of SGD-momentum + K-FAC against SGD-momentum on the same model.
 
-Protocol (``kfac-dist bench overhead``; docs/BENCHMARKS.md section 1 quotes the ``--full`` run): one process, one
-thread; per model and frequency ``(f, p)`` one arm per optimizer (SGD, K-FAC per compute method) from the same
-weights on the same batch pool. After warm-up each K-FAC arm is rebuilt from its state with its step counter on an
-inverse step; a block is whole inverse periods (at least ``min_block_steps``); rounds run one block of every arm in
-a rotating order, and a round with a block busy (CPU / wall) below ``min_busy`` is rerun (at most ``max_retries``
-times). Step times and ratios are medians over rounds (CPU-time ratios beside them). The phase breakdown comes from
-separate profiled blocks (``profile=True``): forward / backward minus the factor computation in the hooks, the
-library's phases, and "other" = optimizer + what no phase covers; the named phases must add up to the step within
-:data:`~kfac_dist.app.bench.overhead_runs.TOLERANCE`.
+Protocol: docs/BENCHMARKS.md section 1.
 """
 
 from __future__ import annotations

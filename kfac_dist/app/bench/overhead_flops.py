@@ -27,6 +27,9 @@ from kfac_dist.work import layer_work
 
 __all__ = ["FLOP_CONFIGS", "Layer", "flop_summary", "model_layers", "ratio_table", "step_ratio"]
 
+#: The FLOP table's decomposition column of each compute method (the report's names for them).
+DECOMPOSITION_COLUMNS = {"eigen": "eigh", "inverse": "cholesky"}
+
 
 @dataclass(frozen=True)
 class Layer:
@@ -73,12 +76,13 @@ def model_layers(spec: ModelSpec, batch: int) -> list[Layer]:
 def flop_summary(layers: Sequence[Layer]) -> dict[str, float]:
     """Totals over layers: forward + backward, and K-FAC's extra work per factor / inverse / every step."""
     parts = {
-        "factors": [layer_work(x.shape, "factor_computation", method="eigen", rows=x.rows).gemm_flops for x in layers],
-        "eigh": [layer_work(x.shape, "decomposition", method="eigen").decomposition_flops for x in layers],
-        "cholesky": [layer_work(x.shape, "decomposition", method="inverse").decomposition_flops for x in layers],
-        "precondition_eigen": [layer_work(x.shape, "preconditioning", method="eigen").gemm_flops for x in layers],
-        "precondition_inverse": [layer_work(x.shape, "preconditioning", method="inverse").gemm_flops for x in layers],
+        "factors": [layer_work(x.shape, "factor_computation", method="eigen", rows=x.rows).gemm_flops for x in layers]
     }
+    for method, column in DECOMPOSITION_COLUMNS.items():
+        parts[column] = [layer_work(x.shape, "decomposition", method=method).decomposition_flops for x in layers]
+        parts[f"precondition_{method}"] = [
+            layer_work(x.shape, "preconditioning", method=method).gemm_flops for x in layers
+        ]
     return {
         "forward_backward": sum(2.0 * x.rows * x.weight_numel * (2.0 if x.first else 3.0) for x in layers),
         **{name: sum(values) for name, values in parts.items()},
@@ -89,7 +93,7 @@ def flop_summary(layers: Sequence[Layer]) -> dict[str, float]:
 def step_ratio(summary: dict[str, float], factor_steps: int, inv_steps: int, method: str) -> dict[str, float]:
     """Per-step extra FLOPs of each K-FAC part relative to forward + backward, and the K-FAC / SGD FLOP ratio."""
     base = summary["forward_backward"]
-    decomposition = summary["eigh"] if method == "eigen" else summary["cholesky"]
+    decomposition = summary[DECOMPOSITION_COLUMNS[method]]
     parts = {
         "factors": summary["factors"] / factor_steps / base,
         "decomposition": decomposition / inv_steps / base,

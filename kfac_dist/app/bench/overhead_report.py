@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kfac_dist.app.bench.common import load_text, md_table
 from kfac_dist.app.bench.overhead_runs import PHASES
 from kfac_dist.methods import EIGH_FLOPS_PER_N3
 
@@ -12,25 +13,16 @@ __all__ = ["TARGET", "markdown", "plot"]
 
 #: The issue's target: on the ResNet-50 proxy at frequencies (10, 100), K-FAC's step <= 1.15x SGD's.
 TARGET_MODEL, TARGET_FREQ, TARGET = "ResNet-50 proxy", [10, 100], 1.15
-PHASE_TITLES = {
-    "forward": "fwd",
-    "backward": "bwd",
-    "factor_computation": "factors",
-    "factor_communication": "factor comm",
-    "decomposition": "decomp",
-    "preconditioning": "precond",
-    "gradient_broadcast": "grad bcast",
-    "other": "other",
-}
-COLORS = {
-    "forward": "#4c72b0",
-    "backward": "#8da0cb",
-    "factor_computation": "#dd8452",
-    "factor_communication": "#937860",
-    "decomposition": "#c44e52",
-    "preconditioning": "#55a868",
-    "gradient_broadcast": "#8172b3",
-    "other": "#bbbbbb",
+#: Column title and bar colour of each phase.
+PHASE_STYLE = {
+    "forward": ("fwd", "#4c72b0"),
+    "backward": ("bwd", "#8da0cb"),
+    "factor_computation": ("factors", "#dd8452"),
+    "factor_communication": ("factor comm", "#937860"),
+    "decomposition": ("decomp", "#c44e52"),
+    "preconditioning": ("precond", "#55a868"),
+    "gradient_broadcast": ("grad bcast", "#8172b3"),
+    "other": ("other", "#bbbbbb"),
 }
 
 
@@ -45,25 +37,23 @@ def _phases(phases: dict[str, float]) -> list[str]:
 def results_table(results: dict[str, Any]) -> list[str]:
     """Model x frequency x method: step times, ratios and the phase breakdown (ms per step)."""
     head = ["model", "(f, p)", "method", "SGD ms/step", "K-FAC ms/step", "ratio (rounds)", "CPU-time ratio"]
-    head += [PHASE_TITLES[name] for name in PHASES] + ["profiled ms/step", "named / step", "rounds (redone)"]
+    head += [PHASE_STYLE[name][0] for name in PHASES] + ["profiled ms/step", "named / step", "rounds (redone)"]
     head.append("min busy")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for entry in results["results"]:
         freq = f"({entry['freq'][0]}, {entry['freq'][1]})"
         sgd = entry["sgd"]["median_ms"]
         row = [entry["model"], freq, "SGD", _ms(sgd), "", "", ""] + _phases(entry["sgd_phases_ms"])
         row += [_ms(entry["sgd_beside_profiled_ms"]), "", f"{entry['rounds']} ({entry['discarded_rounds']})"]
-        row.append(f"{entry['min_busy']:.2f}")
-        lines.append("| " + " | ".join(row) + " |")
+        body.append([*row, f"{entry['min_busy']:.2f}"])
         for method, m in entry["methods"].items():
             prof = m["profiled"]
             spread = f"{min(m['ratio_per_round']):.2f}-{max(m['ratio_per_round']):.2f}"
             check = f"{prof['coverage']:.2f}" + ("" if prof["within_tolerance"] else " (!)")
             row = ["", "", method, _ms(sgd), _ms(m["median_ms"]), f"**{m['ratio']:.2f}x** ({spread})"]
             row.append(f"{m['cpu_ratio']:.2f}x")
-            row += _phases(prof["phases_ms"]) + [_ms(prof["step_ms"]), check, "", ""]
-            lines.append("| " + " | ".join(row) + " |")
-    return lines
+            body.append(row + _phases(prof["phases_ms"]) + [_ms(prof["step_ms"]), check, "", ""])
+    return md_table(head, body)
 
 
 def flop_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -72,14 +62,13 @@ def flop_table(rows: list[dict[str, Any]]) -> list[str]:
     head = ["configuration", "fwd+bwd GFLOP", "factors / factor step", "eigh / inverse step", "Cholesky / inverse step"]
     head += ["precond eigen / step", "precond inverse / step"]
     head += [f"ratio ({f}) {m}" for f in freqs for m in ("eigen", "inverse")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         cells = [r["config"], f"{r['forward_backward_gflop']:.3g}", f"{r['per_factor_step']['factors']:.2f}"]
         cells += [f"{r['per_inverse_step'][k]:.2f}" for k in ("eigh", "cholesky")]
         cells += [f"{r['per_step'][k]:.3f}" for k in ("eigen", "inverse")]
-        cells += [f"{r['ratios'][f][m]:.2f}" for f in freqs for m in ("eigen", "inverse")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        body.append(cells + [f"{r['ratios'][f][m]:.2f}" for f in freqs for m in ("eigen", "inverse")])
+    return md_table(head, body)
 
 
 def headline(results: dict[str, Any]) -> list[str]:
@@ -102,7 +91,7 @@ def markdown(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     lines = ["# Overhead: time per step of SGD-momentum + K-FAC vs SGD-momentum", ""]
     if meta:
-        loads = " / ".join(", ".join(f"{x:.1f}" for x in triple) for triple in meta["load_average_before_after"])
+        loads = load_text(meta["load_average_before_after"])
         lines += [
             f"- date: {meta['date']}; machine: {meta['machine']}; torch {meta['torch']}, {meta['threads']} thread",
             f"- command: `{meta['command']}` ({meta['wall_seconds'] / 60:.1f} min; load average before / after: "
@@ -170,7 +159,7 @@ def plot(results: dict[str, Any], out: Path) -> Path:
                 bottom = 0.0
                 for phase in PHASES:
                     value = max(phases[phase], 0.0)
-                    ax.bar(x, value, bottom=bottom, color=COLORS[phase], width=0.8)
+                    ax.bar(x, value, bottom=bottom, color=PHASE_STYLE[phase][1], width=0.8)
                     bottom += value
                 ax.plot([x - 0.4, x + 0.4], [median, median], color="black", linewidth=1.5)
                 labels.append(f"{name}\n({entry['freq'][0]},{entry['freq'][1]})")
@@ -181,9 +170,9 @@ def plot(results: dict[str, Any], out: Path) -> Path:
         ax.set_xticks(ticks, labels, fontsize=8)
         ax.set_ylabel("ms per step")
         ax.set_title(model, fontsize=10)
-    handles: list[Any] = [plt.Rectangle((0, 0), 1, 1, color=COLORS[p]) for p in PHASES]
+    handles: list[Any] = [plt.Rectangle((0, 0), 1, 1, color=PHASE_STYLE[p][1]) for p in PHASES]
     handles += [plt.Line2D([], [], color="black"), plt.Line2D([], [], color="red", linestyle="--")]
-    names = [PHASE_TITLES[p] for p in PHASES] + ["unprofiled median", f"{TARGET:g}x SGD"]
+    names = [PHASE_STYLE[p][0] for p in PHASES] + ["unprofiled median", f"{TARGET:g}x SGD"]
     fig.legend(handles, names, loc="upper center", ncol=len(names), fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     path = out.with_suffix(".png")

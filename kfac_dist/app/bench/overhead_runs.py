@@ -47,13 +47,10 @@ class Workload:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description."""
-        model = self.model
-        kwargs = {k: v for k, v in model.kwargs.items() if k != "num_classes"}
-        return {"title": self.title, "builder": model.builder, "input_shape": list(model.input_shape)} | {
-            "batch": self.batch,
-            "num_classes": model.num_classes,
-            "kwargs": kwargs,
-        }
+        m = self.model
+        kwargs = {k: v for k, v in m.kwargs.items() if k != "num_classes"}
+        return {"title": self.title, "builder": m.builder, "input_shape": list(m.input_shape), "batch": self.batch,
+                "num_classes": m.num_classes, "kwargs": kwargs}  # fmt: skip
 
 
 MODELS: dict[str, Workload] = {

@@ -1,15 +1,6 @@
 """Scaling benchmark: real gloo runs at W = 1, 2, 4 and an alpha-beta model that predicts W up to 1024.
 
-Protocol (``kfac-dist bench scaling``; docs/BENCHMARKS.md section 4 quotes the ``--full`` run):
-
-1. Calibration (:mod:`~kfac_dist.app.bench.scaling_runs`): the kernels in the form kfac_dist runs them, the proxy's
-   compute at every per-rank batch, gloo collectives at W = 2 and 1, and what the library costs beyond its kernels.
-2. Runs: the proxy on W = 1, 2, 4 gloo processes (1 thread each), four arms per launch (SGD and K-FAC, weak and
-   strong scaling), one ``block_steps`` block per arm and round in a rotating order; the first round adds profiled
-   blocks for the phases; step times are medians over rounds of rank 0's unprofiled blocks.
-3. Model (:mod:`~kfac_dist.app.bench.scaling_model`): predicted SGD and K-FAC step times at every W of the sweep
-   with the calibrated network and an assumed NCCL/InfiniBand-like one (:data:`IB_NETWORK`), compared with the
-   measured W = 1 and 2 step times (W = 4 is no validation point: 4 one-thread processes share 2 cores).
+Protocol: docs/BENCHMARKS.md section 4.
 """
 
 from __future__ import annotations
@@ -74,15 +65,9 @@ class Settings:
     rounds: int = 1
     freq: tuple[int, int] = (10, 100)
     gemm_sizes: list[tuple[int, int, int]] = field(
-        default_factory=lambda: [
-            (64, 64, 64),
-            (128, 128, 128),
-            (256, 256, 256),
-            (512, 512, 512),
-            (64, 2048, 64),
-            (256, 512, 256),
-        ]  # fmt: skip
-    )
+        default_factory=lambda: [(64, 64, 64), (128, 128, 128), (256, 256, 256), (512, 512, 512), (64, 2048, 64),
+                                 (256, 512, 256)]
+    )  # fmt: skip
     copy_bytes: list[int] = field(default_factory=lambda: [2**k for k in (10, 13, 16, 19, 22, 24)])
     im2col_shapes: list[tuple[int, int, int, int]] = field(
         default_factory=lambda: [(2, 8, 8, 3), (32, 8, 8, 3), (32, 16, 4, 3), (32, 8, 16, 3), (32, 3, 32, 7)]
@@ -220,9 +205,8 @@ def validation(measured: list[dict[str, Any]], model: StepModel, kernels: Kernel
     """Predicted vs measured step time of every measured configuration (the runs use comm-opt)."""
     rows = []
     for row in measured:
-        predicted = predicted_step(
-            model, kernels, network, row["world_size"], row["batch"], row["optimizer"], "comm-opt"
-        )
+        w, batch, optimizer = row["world_size"], row["batch"], row["optimizer"]
+        predicted = predicted_step(model, kernels, network, w, batch, optimizer, "comm-opt")
         entry = {k: row[k] for k in ("world_size", "mode", "optimizer", "batch", "global_batch", "median_s")}
         entry |= {"predicted_s": predicted["step"], "error": predicted["step"] / row["median_s"] - 1.0}
         entry |= {"predicted_phases": predicted, "validation_point": row["world_size"] <= 2}
@@ -252,24 +236,14 @@ def predictions(settings: Settings, model: StepModel, kernels: Kernels, networks
 def run_benchmark(settings: Settings, log: Log = print) -> dict[str, Any]:
     """Calibrate, run, model; returns the results dict (JSON-ready, without ``meta``)."""
     log("kernel calibration (1 thread)")
-    batches = sorted(
-        {arm.batch for w in settings.world_sizes for arm in settings.arms(w)} | set(settings.compute_batches)
-    )
-    raw_kernels = measure_kernels(
-        settings.proxy, batches, settings.gemm_sizes, settings.copy_bytes, settings.im2col_shapes, settings.eigh_sides
-    )
+    batches = {arm.batch for w in settings.world_sizes for arm in settings.arms(w)} | set(settings.compute_batches)
+    sizes = (settings.gemm_sizes, settings.copy_bytes, settings.im2col_shapes, settings.eigh_sides)
+    raw_kernels = measure_kernels(settings.proxy, sorted(batches), *sizes)
     log("network calibration (gloo, W=2 and W=1)")
     raw_net = run_gloo(collective_worker, 2, settings.collective_bytes, settings.collective_reps, **BENCH_LIMITS)
     net_times = {op: {n: max(r[op][n] for r in raw_net) for n in raw_net[0][op]} for op in raw_net[0]}
-    local = run_gloo(
-        local_worker,
-        1,
-        settings.collective_bytes,
-        settings.collective_reps,
-        settings.tensor_counts,
-        settings.tiny_layers,
-        **BENCH_LIMITS,
-    )[0]
+    local_args = (settings.collective_bytes, settings.collective_reps, settings.tensor_counts, settings.tiny_layers)
+    local = run_gloo(local_worker, 1, *local_args, **BENCH_LIMITS)[0]
     launches = []
     for round_ in range(settings.rounds):
         shift = round_ % len(settings.world_sizes)
@@ -280,10 +254,8 @@ def run_benchmark(settings: Settings, log: Log = print) -> dict[str, Any]:
             ranks = run_gloo(scaling_worker, world_size, *args, settings.freq, **BENCH_LIMITS)
             launches.append({"world_size": world_size, "round": round_, "ranks": ranks})
             steps = ", ".join(f"{a.name} {1e3 * per_step(ranks[0]['blocks'][a.name]):.1f} ms" for a in arms)
-            log(
-                f"  round {round_ + 1}/{settings.rounds} W={world_size}: {steps}"
-                f" ({time.perf_counter() - started:.0f} s)"
-            )
+            seconds = time.perf_counter() - started
+            log(f"  round {round_ + 1}/{settings.rounds} W={world_size}: {steps} ({seconds:.0f} s)")
     kernels = overheads_from(local, kernels_from(raw_kernels))
     gloo = network_from(net_times, local["collectives"])
     model = step_model(settings.proxy, settings.freq)

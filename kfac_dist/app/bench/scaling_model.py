@@ -254,16 +254,11 @@ def predict_sgd(model: StepModel, world_size: int, batch: int, kernels: Kernels,
 
 
 def predict_kfac(
-    model: StepModel,
-    world_size: int,
-    batch: int,
-    kernels: Kernels,
-    network: Network,
-    fraction: float = 1.0,
-    factor_comm: str = "owner",
-    symmetric_comm: bool = True,
+    model: StepModel, world_size: int, batch: int, kernels: Kernels, network: Network, fraction: float = 1.0
 ) -> dict[str, dict[str, float]]:
     """Seconds per phase of each kind of K-FAC step and amortised over one period of ``model.freq``.
+
+    The library's default exchange: factors reduced into their owner, symmetric matrices sent as triangles.
 
     Returns:
         ``{kind: {phase: seconds, "step": total}}`` for the kinds of :data:`~kfac_dist.planner.STEP_KINDS`
@@ -280,18 +275,16 @@ def predict_kfac(
         for phase in LAYER_PHASES:
             seconds = kernels.seconds(layer.work(phase, batch)) + kernels.layer_overhead.get(phase, 0.0)
             for r in ranks:
-                keeps = factor_comm == "allreduce" or name in owned[r]
-                mine = {"decomposition": name in owned[r], "factor_update": keeps}
-                mine["preconditioning"] = name in worked[r]
-                if mine.get(phase, True):
+                own = name in owned[r]
+                if {"decomposition": own, "factor_update": own, "preconditioning": name in worked[r]}.get(phase, True):
                     per_rank[phase][r] += seconds
     exchanges = (
-        ("factor_communication", factor_entries(plan, model.shapes, factor_comm)),
+        ("factor_communication", factor_entries(plan, model.shapes, "owner")),
         ("decomposition_broadcast", decomposition_entries(plan, model.shapes, METHODS["eigen"])),
         ("gradient_broadcast", gradient_entries(plan, model.shapes, {s.name: (s.grad_numel,) for s in model.shapes})),
     )
     for phase, entries in exchanges:
-        buckets = build_buckets(entries, element_size=FLOAT_BYTES, symmetric_comm=symmetric_comm)
+        buckets = build_buckets(entries, element_size=FLOAT_BYTES, symmetric_comm=True)
         for r, seconds in enumerate(bucket_times(buckets, FLOAT_BYTES, network, kernels)):
             if r < world_size:
                 per_rank[phase][r] += seconds

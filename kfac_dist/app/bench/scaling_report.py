@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kfac_dist.app.bench.common import md_header, md_row
+from kfac_dist.app.bench.common import load_text, md_header, md_row, md_table
 from kfac_dist.app.bench.scaling_model import FRACTIONS, PHASES
 from kfac_dist.comm.accounting import collective_bytes
 
@@ -70,10 +70,8 @@ def kernel_table(calibration: dict[str, Any]) -> list[str]:
         ["eigh (with vectors)", "t = t0 + c n^3", eigh, f"c = {1e9 * eigh['slope']:.3g} ns"]
         + ["n = " + ", ".join(str(e["n"]) for e in raw["eigh"])],
     ]
-    lines = md_header(["kernel", "line", "per call (us)", "rate", "points"])
-    for name, line, fit, rate, points in rows:
-        lines.append(md_row([name, line, us(fit["intercept"]), rate, points]))
-    return lines
+    head = ["kernel", "line", "per call (us)", "rate", "points"]
+    return md_table(head, ([name, line, us(fit["intercept"]), r, points] for name, line, fit, r, points in rows))
 
 
 def kernel_points_table(calibration: dict[str, Any]) -> list[str]:
@@ -105,21 +103,12 @@ def overhead_table(calibration: dict[str, Any]) -> list[str]:
 
 def compute_table(calibration: dict[str, Any]) -> list[str]:
     """The proxy's forward + backward and optimizer step per per-rank batch (one process, W = 1 compute)."""
-    lines = md_header(["batch per rank", "forward + backward (ms)", "optimizer (ms)", "compute (ms)", "img/s"])
-    for batch, times in sorted(calibration["raw"]["compute"].items(), key=lambda item: int(item[0])):
-        total = times["forward_backward"] + times["optimizer"]
-        lines.append(
-            md_row(
-                [
-                    str(batch),
-                    ms(times["forward_backward"]),
-                    ms(times["optimizer"]),
-                    ms(total),
-                    rate(int(batch), total),
-                ]
-            )
-        )
-    return lines
+    head = ["batch per rank", "forward + backward (ms)", "optimizer (ms)", "compute (ms)", "img/s"]
+    body = []
+    for batch, t in sorted(calibration["raw"]["compute"].items(), key=lambda item: int(item[0])):
+        total = t["forward_backward"] + t["optimizer"]
+        body.append([str(batch), ms(t["forward_backward"]), ms(t["optimizer"]), ms(total), rate(int(batch), total)])
+    return md_table(head, body)
 
 
 def network_table(networks: list[dict[str, Any]]) -> list[str]:
@@ -280,7 +269,7 @@ def largest_w_phase_table(predictions: list[dict[str, Any]]) -> list[str]:
     lines = md_header(["network", "mode", "W", "fraction", *(PHASE_TITLES[p] for p in PHASES), "step"])
     groups = dict.fromkeys((r["network"], r["mode"]) for r in predictions)
     for network, mode in groups:
-        last = max((r for r in predictions if (r["network"], r["mode"]) == (network, mode)), key=world_size_of)
+        last = _series(predictions, network, mode)[-1]
         for fraction, k in last["kfac"].items():
             cells = [network, mode, str(last["world_size"]), fraction, *(ms(k["phases"][p]) for p in PHASES)]
             lines.append(md_row([*cells, ms(k["step_s"])]))
@@ -310,6 +299,10 @@ def world_size_of(row: Mapping[str, Any]) -> int:
     return int(row["world_size"])
 
 
+def _series(predictions: list[dict[str, Any]], network: str, mode: str) -> list[dict[str, Any]]:
+    return sorted((r for r in predictions if (r["network"], r["mode"]) == (network, mode)), key=world_size_of)
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The whole Markdown report."""
     meta, calibration = results.get("meta", {}), results["calibration"]
@@ -317,7 +310,7 @@ def markdown(results: dict[str, Any]) -> str:
     freq = tuple(settings.get("freq", (10, 100)))
     lines = ["# Scaling: gloo runs at small W and a calibrated alpha-beta model to W = 1024", ""]
     if meta:
-        loads = " / ".join(", ".join(f"{x:.1f}" for x in triple) for triple in meta["load_average_before_after"])
+        loads = load_text(meta["load_average_before_after"])
         lines += [
             f"- Date: {meta['date']}. Machine: {meta['machine']}; torch {meta['torch']}, {meta['threads']} thread per "
             f"process. Wall time: {meta['wall_seconds'] / 60:.1f} min; load average before / after: {loads}.",
@@ -393,9 +386,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for network in dict.fromkeys(r["network"] for r in results["predictions"]):
         for mode in ("weak", "strong"):
-            rows = sorted(
-                (r for r in results["predictions"] if (r["network"], r["mode"]) == (network, mode)), key=world_size_of
-            )
+            rows = _series(results["predictions"], network, mode)
             if rows:
                 lines += [f"### {network}, {mode} scaling", "", *prediction_table(rows), ""]
     lines += [
@@ -426,9 +417,7 @@ def plot(results: dict[str, Any], out: Path) -> Path:
     networks = list(dict.fromkeys(r["network"] for r in results["predictions"]))
     for ax, mode in zip(axes, ("weak", "strong"), strict=True):
         for style, network in zip(STYLES, networks, strict=False):
-            rows = sorted(
-                (r for r in results["predictions"] if (r["network"], r["mode"]) == (network, mode)), key=world_size_of
-            )
+            rows = _series(results["predictions"], network, mode)
             sizes = [r["world_size"] for r in rows]
             series = {"sgd": [r["global_batch"] / r["sgd_s"] for r in rows]}
             series |= {f: [r["global_batch"] / r["kfac"][f]["step_s"] for r in rows] for f in FRACTIONS}
