@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, str] = {
     "overhead": "per-step time of K-FAC vs SGD in one process, with a phase breakdown",
     "comm": "bytes and memory per rank, ResNet-50 from the planner vs KAISA, checked on gloo",
     "scaling": "gloo runs at W = 1, 2, 4 and a calibrated model of K-FAC/SGD step time to W = 1024",
+    "operators": "ATen operators per K-FAC step by kind of step (a GPU's launches, counted on any machine)",
 }
 
 

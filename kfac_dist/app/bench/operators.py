@@ -1,0 +1,107 @@
+"""ATen operators dispatched per K-FAC step, by kind of step: the machine-independent measure of launch overhead.
+
+On a GPU every operator is a kernel launch plus Python; a CPU cannot show that cost, but it dispatches the same
+operators, so their count measures it on any machine. Protocol: docs/BENCHMARKS.md section 6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kfac_dist import KFACPreconditioner
+from kfac_dist.app.bench.common import PROXY, Log, ModelSpec, positive_int
+from kfac_dist.methods import COMPUTE_METHODS
+
+__all__ = ["FULL", "KIND_STEPS", "OperatorCount", "add_arguments", "count_step", "run"]
+
+FULL = "the docs/ run: batch 32 (the count does not depend on the batch; the quick run uses 4)"
+#: Factors every 2 steps and decompositions every 4, so that steps 4, 5 and 6 are an inverse, a plain and a factor
+#: step in steady state (the first steps allocate what later steps reuse).
+FREQ = (2, 4)
+#: The step that stands for each kind.
+KIND_STEPS = {"inverse": 4, "plain": 5, "factor": 6}
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts every ATen operator dispatched while it is active, by operator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_operator: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        """Count the operator, then run it."""
+        self.by_operator[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        """Operators counted."""
+        return sum(self.by_operator.values())
+
+
+def count_step(
+    model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], pre: KFACPreconditioner | None
+) -> tuple[OperatorCount, OperatorCount]:
+    """Operators of one training step's forward + backward and of ``pre.step()`` (empty without K-FAC)."""
+    x, y = batch
+    model.zero_grad(set_to_none=False)
+    with OperatorCount() as backprop:
+        F.cross_entropy(model(x), y).backward()
+    with OperatorCount() as step:
+        if pre is not None:
+            pre.step()
+    return backprop, step
+
+
+def _steps(spec: ModelSpec, batch_size: int, method: str | None) -> dict[int, tuple[OperatorCount, OperatorCount]]:
+    """Counts of steps 0 .. max(KIND_STEPS) of SGD (`method` None) or K-FAC with `method`."""
+    model = spec.build(seed=0)
+    pre = None
+    if method is not None:
+        pre = KFACPreconditioner(model, compute_method=method, factor_update_steps=FREQ[0], inv_update_steps=FREQ[1])
+    batch = spec.batch(batch_size, torch.Generator().manual_seed(0))
+    counts = {}
+    for step in range(max(KIND_STEPS.values()) + 1):
+        counts[step] = count_step(model, batch, pre)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-1e-3)  # a plain SGD step outside the counts: the same for every arm
+    return counts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This benchmark's options."""
+    parser.add_argument("--batch", type=positive_int, help="examples per step (default 4; --full: 32)")
+
+
+def run(args: argparse.Namespace, log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Count every kind of step of SGD and of K-FAC with each compute method on the ResNet-50 proxy."""
+    batch = args.batch or (32 if args.full else 4)
+    spec = ModelSpec(PROXY.builder, dict(PROXY.kwargs), PROXY.input_shape)
+    sgd = _steps(spec, batch, None)[KIND_STEPS["plain"]][0].total
+    log(f"SGD forward + backward: {sgd} operators")
+    methods: dict[str, Any] = {}
+    for method in COMPUTE_METHODS:
+        counts = _steps(spec, batch, method)
+        kinds = {}
+        for kind, step in KIND_STEPS.items():
+            backprop, pre_step = counts[step]
+            kinds[kind] = {
+                "forward_backward": backprop.total,
+                "hooks": backprop.total - sgd,
+                "step": pre_step.total,
+                "extra": backprop.total - sgd + pre_step.total,
+                "top_step_operators": dict(pre_step.by_operator.most_common(12)),
+            }
+            log(f"{method} {kind} step: {kinds[kind]['extra']} operators beyond SGD's {sgd}")
+        methods[method] = kinds
+    settings = {"model": spec.describe(), "batch": batch, "freq": list(FREQ), "kind_steps": KIND_STEPS}
+    return {"sgd_forward_backward": sgd, "methods": methods}, settings
