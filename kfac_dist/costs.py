@@ -40,6 +40,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+import torch
+
 from kfac_dist.comm.accounting import collective_bytes
 from kfac_dist.comm.layout import Bucket, FusionEntry, build_buckets
 from kfac_dist.entries import (
@@ -81,11 +83,10 @@ class ElementBytes:
                 raise ValueError(f"{key}_bytes must be an integer >= 1; got {value!r}")
 
     @classmethod
-    def of(cls, options: KFACOptions, grad_bytes: int = 4) -> ElementBytes:
-        """The sizes a run with ``options`` uses for gradients of ``grad_bytes`` (``factor_dtype=None``: 4)."""
-        factor_dtype = options.chosen_factor_dtype()
-        factor = factor_dtype.itemsize if factor_dtype is not None else max(grad_bytes, 4)
-        return cls(factor=factor, inv=options.inverse_dtype().itemsize, grad=grad_bytes)
+    def of(cls, options: KFACOptions, grad_dtype: torch.dtype = torch.float32) -> ElementBytes:
+        """The sizes a run with ``options`` uses for gradients of ``grad_dtype``."""
+        factor = options.factor_dtype_for(grad_dtype).itemsize
+        return cls(factor=factor, inv=options.inverse_dtype().itemsize, grad=grad_dtype.itemsize)
 
 
 def factor_comm_numel(shape: LayerShape, *, symmetric_comm: bool = True) -> int:

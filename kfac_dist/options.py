@@ -258,9 +258,11 @@ class KFACOptions:
         """``inv_dtype`` as a torch.dtype."""
         return DTYPES[str(self.inv_dtype)]
 
-    def chosen_factor_dtype(self) -> torch.dtype | None:
-        """``factor_dtype`` as a torch.dtype, or None for the weights' dtype."""
-        return None if self.factor_dtype is None else DTYPES[str(self.factor_dtype)]
+    def factor_dtype_for(self, grad_dtype: torch.dtype) -> torch.dtype:
+        """The factors' dtype for `grad_dtype` gradients: ``factor_dtype``, else the gradients' (at least float32)."""
+        if self.factor_dtype is not None:
+            return DTYPES[str(self.factor_dtype)]
+        return grad_dtype if grad_dtype in (torch.float32, torch.float64) else torch.float32
 
     def to_dict(self) -> dict[str, object]:
         """The options by name, in field order (callables as they are)."""

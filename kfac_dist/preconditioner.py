@@ -111,9 +111,7 @@ class KFACPreconditioner:
         self.model = unwrap(model)
         self._states, self._report = register_layers(self.model, self.options.skip_layers)
         self._grad_dtype = common_dtype(self._states, "model")
-        self._factor_dtype = self.options.chosen_factor_dtype() or (
-            self._grad_dtype if self._grad_dtype in (torch.float32, torch.float64) else torch.float32
-        )
+        self._factor_dtype = self.options.factor_dtype_for(self._grad_dtype)
         shapes = [state.shape() for state in self._states.values()]
         mismatch = first_difference(self.comm.gather_strings("\n".join(describe_shapes(shapes))))
         if mismatch is not None:

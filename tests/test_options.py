@@ -72,7 +72,9 @@ def test_plan_flags_are_generated_from_the_planned_fields() -> None:
 
 def test_dtypes_are_names_or_torch_dtypes() -> None:
     assert KFACOptions(inv_dtype=torch.float64) == KFACOptions(inv_dtype="float64")
-    assert KFACOptions(factor_dtype=torch.bfloat16).chosen_factor_dtype() is torch.bfloat16
+    assert KFACOptions(factor_dtype=torch.bfloat16).factor_dtype_for(torch.float64) is torch.bfloat16
+    assert KFACOptions().factor_dtype_for(torch.bfloat16) is torch.float32  # at least float32
+    assert KFACOptions().factor_dtype_for(torch.float64) is torch.float64
     assert KFACOptions().inverse_dtype() is torch.float32 and set(DTYPES) >= {"float32", "float64"}
     with pytest.raises(ValueError, match="inv_dtype must be one of 'float32'"):
         KFACOptions(inv_dtype=torch.float16)
