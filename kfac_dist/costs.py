@@ -40,8 +40,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-import torch
-
 from kfac_dist.comm.accounting import collective_bytes
 from kfac_dist.comm.layout import Bucket, FusionEntry, build_buckets
 from kfac_dist.entries import (
@@ -55,7 +53,7 @@ from kfac_dist.entries import (
     gradient_entries,
 )
 from kfac_dist.methods import get_method, wire_numel
-from kfac_dist.options import KFACOptions, check_flag
+from kfac_dist.options import DTYPES, KFACOptions, check_flag
 from kfac_dist.placement import LayerShape, Plan, compute_cost
 
 MEMORY_CATEGORIES = ("factors", "decompositions", "buffers")
@@ -83,10 +81,11 @@ class ElementBytes:
                 raise ValueError(f"{key}_bytes must be an integer >= 1; got {value!r}")
 
     @classmethod
-    def of(cls, options: KFACOptions, grad_dtype: torch.dtype = torch.float32) -> ElementBytes:
-        """The sizes a run with ``options`` uses for gradients of ``grad_dtype``."""
-        factor = options.factor_dtype_for(grad_dtype).itemsize
-        return cls(factor=factor, inv=options.inverse_dtype().itemsize, grad=grad_dtype.itemsize)
+    def of(cls, options: KFACOptions, grad_dtype: str = "float32") -> ElementBytes:
+        """The sizes a run with ``options`` uses for gradients of ``grad_dtype`` (a name of ``options.DTYPES``)."""
+        grad = DTYPES[grad_dtype]
+        factor = options.factor_dtype_for(grad).itemsize
+        return cls(factor=factor, inv=options.inverse_dtype().itemsize, grad=grad.itemsize)
 
 
 def factor_comm_numel(shape: LayerShape, *, symmetric_comm: bool = True) -> int:

@@ -115,7 +115,7 @@ def distributed_run(rank: int, world_size: int) -> dict[str, Any]:
     pre = KFACPreconditioner(model, options, communicator=TorchDistCommunicator())
     train(model, pre, rank, world_size)
     shapes = [state.shape() for state in pre._states.values()]
-    sizes = ElementBytes.of(options, torch.float64)  # float64 factors and gradients, float32 decompositions
+    sizes = ElementBytes.of(options, "float64")  # float64 factors and gradients, float32 decompositions
     expected: dict[str, dict[str, int]] = {}
     for _ in range(STEPS):  # every step is a factor and an inverse step (the defaults)
         for category, counts in costs.step_bytes(pre.plan(), shapes, options, sizes=sizes)[rank].items():
