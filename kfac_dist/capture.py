@@ -23,9 +23,9 @@ class FactorAccumulator:
         self.pending = 0
         self._forward_pass: int | None = None
 
-    def add_input(self, inputs: torch.Tensor, forward_pass: int, dtype: torch.dtype) -> None:
+    def add_input(self, inputs: torch.Tensor, forward_pass: int, dtype: torch.dtype, precision: str) -> None:
         """Add one module call's input; its examples count once per forward pass of the model."""
-        contribution, rows = self.layer.a_contribution(inputs, dtype)
+        contribution, rows = self.layer.a_contribution(inputs, dtype, precision)
         self.a_sum = contribution if self.a_sum is None else self.a_sum.add_(contribution)
         self.rows += rows
         self.pending += 1
@@ -33,9 +33,9 @@ class FactorAccumulator:
             self.examples += self.layer.examples(inputs)
             self._forward_pass = forward_pass
 
-    def add_output_grad(self, grad_output: torch.Tensor, dtype: torch.dtype, scale: float) -> None:
+    def add_output_grad(self, grad_output: torch.Tensor, dtype: torch.dtype, scale: float, precision: str) -> None:
         """Add one module call's output gradient, scaled to per-example loss gradients."""
-        contribution = self.layer.g_contribution(grad_output, dtype, scale)
+        contribution = self.layer.g_contribution(grad_output, dtype, scale, precision)
         self.g_sum = contribution if self.g_sum is None else self.g_sum.add_(contribution)
         self.pending -= 1
 

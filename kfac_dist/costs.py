@@ -36,7 +36,7 @@ counted.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -55,6 +55,7 @@ from kfac_dist.entries import (
 from kfac_dist.methods import get_method, wire_numel
 from kfac_dist.options import DTYPES, KFACOptions, check_flag
 from kfac_dist.placement import LayerShape, Plan, compute_cost
+from kfac_dist.schedule import DecompositionSchedule
 
 MEMORY_CATEGORIES = ("factors", "decompositions", "buffers")
 
@@ -134,6 +135,7 @@ def step_bytes(
     *,
     factor_step: bool = True,
     inverse_step: bool = True,
+    decomposed: Collection[str] | None = None,
     sizes: ElementBytes | None = None,
 ) -> Traffic:
     """Bytes each rank sends and receives in one K-FAC step, per category.
@@ -145,6 +147,8 @@ def step_bytes(
             default: every default.
         factor_step: whether the step reduces factors.
         inverse_step: whether the step decomposes and broadcasts decompositions.
+        decomposed: on an inverse step, the layers it decomposes (default: all; ``inv_stagger`` decomposes some:
+            :meth:`kfac_dist.schedule.DecompositionSchedule.due`).
         sizes: bytes per element (default: 4 each).
 
     Returns:
@@ -161,7 +165,7 @@ def step_bytes(
         phases.append((FACTOR_REDUCE, factor_entries(plan, shapes, o.factor_comm), sizes.factor))
     if inverse_step:
         method = get_method(o.compute_method)
-        phases.append((DECOMPOSITION_BROADCAST, decomposition_entries(plan, shapes, method), sizes.inv))
+        phases.append((DECOMPOSITION_BROADCAST, decomposition_entries(plan, shapes, method, decomposed), sizes.inv))
     gradients = gradient_entries(plan, shapes, {s.name: (s.grad_numel,) for s in shapes})
     phases.append((GRADIENT_BROADCAST, gradients, sizes.grad))
     for category, entries, element_size in phases:
@@ -174,9 +178,10 @@ def amortised_bytes(
 ) -> dict[int, dict[str, dict[str, float]]]:
     """Average bytes per rank per step over the schedule of ``options``, per category.
 
-    Step k (k = 0, 1, ...) is a factor step when ``k % factor_update_steps == 0`` and an inverse step when
-    ``k % inv_update_steps == 0`` (callables: their values at step 0); the two are independent. The average is
-    taken exactly over one period of ``lcm(factor_update_steps, inv_update_steps)`` steps, then returned as floats.
+    Step k (k = 0, 1, ...) is a factor step when ``k % factor_update_steps == 0`` and decomposes the layers
+    :meth:`~kfac_dist.schedule.DecompositionSchedule.due` at k (callables: their values at step 0). The average is
+    taken exactly over one period of ``lcm(factor_update_steps, inv_update_steps)`` steps in steady state (the
+    second period: step 0 decomposes every layer even when staggered), then returned as floats.
 
     Args:
         plan: the placement.
@@ -193,12 +198,15 @@ def amortised_bytes(
     total: dict[int, dict[str, dict[str, Fraction]]] = {
         r: {c: {"sent": Fraction(0), "received": Fraction(0)} for c in CATEGORIES} for r in range(plan.world_size)
     }
-    kinds: dict[tuple[bool, bool], int] = {}
-    for k in range(period):
-        kind = (k % factor_update_steps == 0, k % inv_update_steps == 0)
+    schedule = DecompositionSchedule(plan, layers, o.at_step(0))
+    kinds: dict[tuple[bool, tuple[str, ...]], int] = {}
+    for k in range(period, 2 * period):
+        kind = (k % factor_update_steps == 0, schedule.due(k))
         kinds[kind] = kinds.get(kind, 0) + 1
-    for (factor, inverse), count in sorted(kinds.items()):
-        traffic = step_bytes(plan, layers, o, factor_step=factor, inverse_step=inverse, sizes=sizes)
+    for (factor, due), count in sorted(kinds.items()):
+        traffic = step_bytes(
+            plan, layers, o, factor_step=factor, inverse_step=bool(due), decomposed=set(due), sizes=sizes
+        )
         for r, per_category in traffic.items():
             for c, counts in per_category.items():
                 for direction, value in counts.items():
@@ -236,7 +244,7 @@ def memory_bytes(
     entries = factor_entries(plan, shapes, o.factor_comm)
     for bucket in _buckets(entries, sizes.factor, o.symmetric_comm, o.bucket_cap_mb):
         for r in bucket.target.group:
-            out[r]["buffers"] += bucket.numel * sizes.factor
+            out[r]["buffers"] += bucket.held_numel * sizes.factor
     return out
 
 

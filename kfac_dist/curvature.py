@@ -1,4 +1,4 @@
-"""The numerical kernels of K-FAC: running averages, safe eigh and SPD inverses, pi, KL-clip. No ranks or bytes.
+"""The numerical kernels of K-FAC: safe eigh and SPD inverses, pi, KL-clip. No ranks or bytes.
 
 The compute methods (:mod:`kfac_dist.methods`) build their decompositions from these.
 
@@ -8,6 +8,7 @@ a gradient matrix is ``(b, m, n)``. See docs/conventions.md for the formulas.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -17,16 +18,16 @@ class DecompositionError(RuntimeError):
     """A factor could not be decomposed, even in float64."""
 
 
-def is_finite(tensor: torch.Tensor) -> bool:
-    """Whether every element is finite (one host sync)."""
-    return bool(torch.isfinite(tensor).all())
+def is_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every element of every tensor is finite, from their sums (one host sync, a few operators).
 
-
-def running_average(current: torch.Tensor | None, batch: torch.Tensor, decay: float) -> torch.Tensor:
-    """``decay * current + (1 - decay) * batch``; the first update takes ``batch`` as it is."""
-    if current is None:
-        return batch.clone()
-    return current.mul(decay).add_(batch, alpha=1.0 - decay)
+    A NaN or infinity makes a sum non-finite; so does a sum past the dtype's range, which for the factors,
+    eigenbases and inverses checked here means the values are unusable anyway.
+    """
+    total = tensors[0].sum()
+    for tensor in tensors[1:]:
+        total = total + tensor.sum()
+    return math.isfinite(total.item())
 
 
 def symmetric_eigh(matrix: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +36,7 @@ def symmetric_eigh(matrix: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
         values, vectors = torch.linalg.eigh(matrix.to(dtype))
     except RuntimeError as error:  # torch.linalg.LinAlgError is a RuntimeError
         raise DecompositionError(str(error)) from error
-    if not (is_finite(values) and is_finite(vectors)):
+    if not is_finite(values, vectors):
         raise DecompositionError("eigh returned non-finite values")
     return values.clamp_(min=0.0), vectors
 
@@ -65,7 +66,10 @@ def spd_inverse(matrix: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -
 
 def kl_inner(preconditioned: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """``sum_l <v_l, g_l>`` as a 0-d tensor, without a host sync (non-finite if any v or g holds a NaN/Inf)."""
-    return torch.stack([(v * g.to(v.dtype)).sum() for v, g in zip(preconditioned, grads, strict=True)]).sum()
+    products = torch._foreach_mul(
+        list(preconditioned), [g.to(v.dtype) for v, g in zip(preconditioned, grads, strict=True)]
+    )
+    return torch.stack([product.sum() for product in products]).sum()
 
 
 def kl_clip_scale(inner: torch.Tensor, lr: float, kl_clip: float) -> torch.Tensor:

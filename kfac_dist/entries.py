@@ -16,7 +16,7 @@ registration order of the preconditioner):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from kfac_dist.comm.layout import CollectiveOp, FusionEntry, Target
 from kfac_dist.methods import ComputeMethod, Field
@@ -52,12 +52,17 @@ def factor_entries(plan: Plan, shapes: Sequence[LayerShape], factor_comm: str) -
     return entries
 
 
-def decomposition_entries(plan: Plan, shapes: Sequence[LayerShape], method: ComputeMethod) -> list[FusionEntry]:
-    """The decomposition broadcast: keys ``"<layer>/<field>"`` (the method's :meth:`~ComputeMethod.fields`)."""
+def decomposition_entries(
+    plan: Plan, shapes: Sequence[LayerShape], method: ComputeMethod, layers: Collection[str] | None = None
+) -> list[FusionEntry]:
+    """The decomposition broadcast: keys ``"<layer>/<field>"`` (the method's :meth:`~ComputeMethod.fields`).
+
+    ``layers``: the layers decomposed on the step (default: all; see :mod:`kfac_dist.schedule`).
+    """
     entries = []
     for shape in _in_plan_order(plan, shapes):
         layer = plan.layer(shape.name)
-        if len(layer.grad_workers) > 1:
+        if len(layer.grad_workers) > 1 and (layers is None or shape.name in layers):
             target = Target(CollectiveOp.BROADCAST, layer.grad_workers, root=layer.owner)
             fields = method.fields(shape)
             entries += [FusionEntry(f"{shape.name}/{f}", s, target, sym) for f, s, sym in fields]

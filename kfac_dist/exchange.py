@@ -79,7 +79,8 @@ class Exchange:
         self._shapes = {s.name: s for s in shapes}
         factor_dtype, inv_dtype = tensors.factor_dtype, tensors.inv_dtype
         self._factor_plan = self._fusion(factor_entries(plan, shapes, options.factor_comm), factor_dtype)
-        self._decomposition_plan = self._fusion(decomposition_entries(plan, shapes, self.method), inv_dtype)
+        self._shape_list = list(shapes)
+        self._decomposition_plans: dict[tuple[str, ...], FusionPlan] = {}
         gradients = gradient_entries(plan, shapes, {s.name: s.grad_shape() for s in shapes})
         self._gradient_plan = self._fusion(gradients, tensors.grad_dtype)
         self._state_plan = self._gather_plan(shapes, factor_fields, factor_dtype)
@@ -178,13 +179,19 @@ class Exchange:
         return self._assemble(name, {f"{name}/{f}": t for f, t in cast.items()})
 
     # ------------------------------------------------------------------------------------------- decompositions
-    def share_decompositions(self, owned: Mapping[str, Decomposition | None]) -> dict[str, Decomposition | None]:
-        """Broadcast owners' decompositions to grad workers; every layer this rank works on, by name.
+    def share_decompositions(
+        self, owned: Mapping[str, Decomposition | None], layers: tuple[str, ...]
+    ) -> dict[str, Decomposition | None]:
+        """Broadcast owners' decompositions of ``layers`` to grad workers; each of them this rank works on, by name.
 
-        An owner without a decomposition sends zeros, which arrive as None (a valid decomposition never has
-        an all-zero eigenbasis or inverse).
+        ``layers``: the layers decomposed on this step, in plan order, the same on every rank
+        (:class:`~kfac_dist.schedule.DecompositionSchedule`). An owner without a decomposition sends zeros, which
+        arrive as None (a valid decomposition never has an all-zero eigenbasis or inverse).
         """
-        step = self._step(self._decomposition_plan, DECOMPOSITION_BROADCAST)
+        if layers not in self._decomposition_plans:
+            entries = decomposition_entries(self.plan, self._shape_list, self.method, set(layers))
+            self._decomposition_plans[layers] = self._fusion(entries, self.tensors.inv_dtype)
+        step = self._step(self._decomposition_plans[layers], DECOMPOSITION_BROADCAST)
         for name, decomposition in owned.items():
             if decomposition is None or len(self.plan.layer(name).grad_workers) == 1:
                 continue
@@ -192,7 +199,10 @@ class Exchange:
         step.flush()
         results = step.wait()
         shared: dict[str, Decomposition | None] = {}
+        due = set(layers)
         for name in self.plan.layers_worked_by(self.comm.rank):
+            if name not in due:
+                continue
             if self.plan.layer(name).owner == self.comm.rank or len(self.plan.layer(name).grad_workers) == 1:
                 shared[name] = owned.get(name)
             else:

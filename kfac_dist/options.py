@@ -32,6 +32,7 @@ from kfac_dist.placement import (
     STRATEGIES,
     resolve_grad_worker_fraction,
 )
+from kfac_dist.precision import PRECISIONS
 
 #: A hyperparameter that may change as training runs: a callable of the K-FAC step (completed ``step()`` calls).
 StepFunction = Callable[[int], float]
@@ -178,6 +179,12 @@ class KFACOptions:
         allowed=_PERIOD,
         plans=True,
     )
+    inv_stagger: bool = _option(
+        False,
+        "Spread the decompositions over the inv_update_steps steps of a period (each layer at its own phase) "
+        "instead of all on one step; see kfac_dist.schedule.",
+        plans=True,
+    )
     damping: FloatHyper = _option(
         1.0, "Tikhonov damping of the Kronecker-factored curvature, in kfac-dist's factor scale.", allowed=_POSITIVE
     )
@@ -187,7 +194,8 @@ class KFACOptions:
     )
     compute_method: str = _option(
         "eigen",
-        "'eigen' (exact damped Kronecker inverse) or 'inverse' (factored damping with pi); see kfac_dist.methods.",
+        "'eigen' (exact damped Kronecker inverse), 'inverse' (factored damping with pi) or 'eigen_warm' (eigen, "
+        "warm-started from the last eigenbases); see kfac_dist.methods.",
         choices=COMPUTE_METHODS,
         plans=True,
     )
@@ -218,6 +226,12 @@ class KFACOptions:
         choices=FACTOR_DTYPES,
         plans=True,
     )
+    precision: str = _option(
+        "highest",
+        "Precision of K-FAC's own matrix products: 'highest' (exact), 'tf32' (CUDA) or 'bf16' inputs; "
+        "see kfac_dist.precision.",
+        choices=PRECISIONS,
+    )
     skip_layers: tuple[str, ...] = _option(
         (), "Glob patterns of module names or class names not to precondition.", plans=True
     )
@@ -230,10 +244,13 @@ class KFACOptions:
         if self.kl_clip is not None:
             check_hyper("kl_clip", self.kl_clip, meta["kl_clip"]["range"])
         get_method(self.compute_method)  # the table as it is now: a method registered at run time is valid
-        for name in ("assignment", "factor_comm"):
+        for name in ("assignment", "factor_comm", "precision"):
             check_choice(name, getattr(self, name), meta[name]["choices"])
         resolve_grad_worker_fraction(self.grad_worker_fraction, 1)
         check_flag("symmetric_comm", self.symmetric_comm)
+        check_flag("inv_stagger", self.inv_stagger)
+        if self.inv_stagger and callable(self.inv_update_steps):
+            raise ValueError("inv_stagger needs a constant inv_update_steps (phases divide one period)")
         check_value("bucket_cap_mb", self.bucket_cap_mb, meta["bucket_cap_mb"]["range"])
         object.__setattr__(self, "inv_dtype", dtype_name("inv_dtype", self.inv_dtype, INV_DTYPES))
         if self.factor_dtype is not None:
@@ -286,6 +303,7 @@ class OptionOverrides(TypedDict, total=False):
 
     factor_update_steps: IntHyper
     inv_update_steps: IntHyper
+    inv_stagger: bool
     damping: FloatHyper
     factor_decay: FloatHyper
     kl_clip: FloatHyper | None
@@ -297,4 +315,5 @@ class OptionOverrides(TypedDict, total=False):
     bucket_cap_mb: float
     inv_dtype: str | torch.dtype
     factor_dtype: str | torch.dtype | None
+    precision: str
     skip_layers: Iterable[str] | str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from functools import partial
 from typing import Any, Unpack, cast
@@ -15,7 +16,8 @@ from kfac_dist.agreement import describe_options, option_differences
 from kfac_dist.comm import Communicator, LocalCommunicator, RendezvousTimeout, TorchDistCommunicator
 from kfac_dist.exchange import Exchange, TensorFormat
 from kfac_dist.health import Health
-from kfac_dist.methods import Decomposition, get_method
+from kfac_dist.layers.batched import stack_grad_matrices, write_grad_matrices
+from kfac_dist.methods import get_method
 from kfac_dist.options import (
     LOSS_REDUCTIONS,
     Hyper,
@@ -28,9 +30,12 @@ from kfac_dist.options import (
     range_of,
 )
 from kfac_dist.placement import Plan, build_plan, resolve_grad_worker_fraction
+from kfac_dist.precision import matmul_mode
 from kfac_dist.registry import LayerState, common_dtype, describe_shapes, first_difference, register_layers, unwrap
 from kfac_dist.report import Report
+from kfac_dist.schedule import DecompositionSchedule
 from kfac_dist.timing import PhaseTimer
+from kfac_dist.worklist import ShapeGroup, build_groups
 
 #: Seconds `state_dict()` and `load_state_dict()` wait for every rank to call them before raising.
 STATE_TIMEOUT_S = 60.0
@@ -126,6 +131,14 @@ class KFACPreconditioner:
             device=next(iter(self._states.values())).layer.parameters()[0].device,
         )
         self._exchange = Exchange(self._plan, shapes, self.comm, self.options, tensors)
+        rank = self.comm.rank
+        self._worked = set(self._plan.layers_worked_by(rank))
+        self._broadcast_sources = {
+            name for name in self._worked if any(src == rank for src, _ in self._plan.layer(name).grad_broadcasts)
+        }
+        mine = self._worked | set(self._plan.layers_owned_by(rank))
+        self._groups = build_groups(state for name, state in self._states.items() if name in mine)
+        self._schedule = DecompositionSchedule(self._plan, shapes, self.options)
 
         self.steps = 0
         self._forward_passes = 0
@@ -150,9 +163,6 @@ class KFACPreconditioner:
     def _is_factor_step(self, step: int) -> bool:
         return step % int(self.options.value("factor_update_steps", step)) == 0
 
-    def _is_inverse_step(self, step: int) -> bool:
-        return step % int(self.options.value("inv_update_steps", step)) == 0
-
     def _count_forward_pass(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self._forward_passes += 1
         if torch.is_grad_enabled():
@@ -166,10 +176,10 @@ class KFACPreconditioner:
             return
         if not output.requires_grad:
             return
-        inputs = args[0].detach()
+        inputs = args[0]
         state.fired = True
-        with self._timer.phase("factor_computation"):
-            state.accumulator.add_input(inputs, self._forward_passes, self._factor_dtype)
+        with self._timer.phase("factor_computation"), torch.no_grad(), self._matmul_mode():
+            state.accumulator.add_input(inputs, self._forward_passes, self._factor_dtype, self.options.precision)
         output.register_hook(partial(self._capture_output_grad, state, state.layer.examples(inputs)))
 
     def _capture_output_grad(self, state: LayerState, examples: int, grad_output: torch.Tensor) -> None:
@@ -177,8 +187,8 @@ class KFACPreconditioner:
         scale = float(examples * self.accumulation_steps) if self.loss_reduction == "mean" else 1.0
         scale /= self._loss_scale()
         accumulator = state.accumulator
-        with self._timer.phase("factor_computation"):
-            accumulator.add_output_grad(grad_output.detach(), self._factor_dtype, scale)
+        with self._timer.phase("factor_computation"), torch.no_grad(), self._matmul_mode():
+            accumulator.add_output_grad(grad_output, self._factor_dtype, scale, self.options.precision)
         if accumulator.pending == 0 and self._passes_this_step >= self.accumulation_steps:
             self._send_factors(state)
 
@@ -206,8 +216,9 @@ class KFACPreconditioner:
         damping = self.options.value("damping", step)
         if self._capturing:
             self._update_factors(step)
-        if self._is_inverse_step(step) or self._force_inverse:
-            self._update_decompositions(damping)
+        due = self._schedule.names if self._force_inverse else self._schedule.due(step)
+        if due:
+            self._update_decompositions(damping, due)
             self._force_inverse = False
         self._precondition(damping, step)
         self.steps += 1
@@ -228,81 +239,132 @@ class KFACPreconditioner:
             state.sent = False
 
     def _fold_in(self, reduced: dict[str, tuple[torch.Tensor, torch.Tensor]], decay: float) -> None:
-        """Update the running averages with the reduced batch factors; skip non-finite ones."""
+        """Update the running averages with the reduced batch factors, every layer at once; skip non-finite ones.
+
+        A batch factor counts as non-finite when its norm is (a NaN/Inf element, or a norm past the dtype's range),
+        read with one host sync per factor step.
+        """
         ready = [(self._states[name], a, g) for name, (a, g) in reduced.items() if self._states[name].sent]
-        flags = [torch.isfinite(a).all() & torch.isfinite(g).all() for _, a, g in ready]
-        finite = torch.stack(flags).tolist() if flags else []
+        if not ready:
+            return
+        norms = torch._foreach_norm([t for _, a, g in ready for t in (a, g)])
+        finite = torch.isfinite(torch.stack(norms)).view(-1, 2).all(dim=1).tolist()
+        averages, batches = [], []
         for (state, a, g), ok in zip(ready, finite, strict=True):
             if not ok:
                 self._health.count(
                     state, "nonfinite_factor_skipped", "a batch factor is not finite; kept the last average"
                 )
-                continue
-            state.a = curvature.running_average(state.a, a, decay)
-            state.g = curvature.running_average(state.g, g, decay)
+            elif state.a is None or state.g is None:
+                state.a, state.g = a.clone(), g.clone()
+            else:
+                averages += [state.a, state.g]
+                batches += [a, g]
+        if averages:
+            torch._foreach_mul_(averages, decay)
+            torch._foreach_add_(averages, batches, alpha=1.0 - decay)
 
-    def _update_decompositions(self, damping: float) -> None:
-        """Owners decompose their layers' factors; grad workers receive the decompositions."""
-        owned: dict[str, Decomposition | None] = {}
+    def _update_decompositions(self, damping: float, due: tuple[str, ...]) -> None:
+        """Owners decompose the factors of the layers ``due``, a shape group at a time; grad workers receive them."""
+        mine = set(self._plan.layers_owned_by(self.comm.rank)) & set(due)
         with self._timer.phase("decomposition"):
-            for name in self._plan.layers_owned_by(self.comm.rank):
-                state = self._states[name]
-                if state.a is not None and state.g is not None:
-                    state.decomposition = self._health.decompose(
-                        state, method=self.method, damping=damping, dtype=self.inv_dtype
-                    )
-                owned[name] = state.decomposition
+            for group in self._groups:
+                members = [s for s in group.states if s.name in mine and s.a is not None and s.g is not None]
+                if members:
+                    self._decompose(group, members, damping)
+            owned = {name: self._states[name].decomposition for name in due if name in mine}
         with self._timer.phase("decomposition_broadcast"):
-            shared = self._exchange.share_decompositions(owned)
+            shared = self._exchange.share_decompositions(owned, due)
         for name, decomposition in shared.items():
             self._states[name].decomposition = decomposition
 
+    def _decompose(self, group: ShapeGroup, members: list[LayerState], damping: float) -> None:
+        """One batched decomposition of the members; each member on its own (with fallbacks) if that fails."""
+        previous = None
+        if self.method.warm_starts and all(s.decomposition is not None for s in members):
+            previous = group.stacked(self.method, members)
+        stacked = self._health.decompose_group(
+            members, previous, method=self.method, damping=damping, dtype=self.inv_dtype
+        )
+        if stacked is not None:
+            group.adopt(members, stacked)
+            return
+        for state in members:
+            state.decomposition = self._health.decompose(
+                state, method=self.method, damping=damping, dtype=self.inv_dtype
+            )
+
     def _precondition(self, damping: float, step: int) -> None:
-        """Grad workers precondition, the others receive; then KL-clip and write every ``.grad``."""
-        computed: dict[str, torch.Tensor] = {}
-        with self._timer.phase("preconditioning"):
-            for name in self._plan.layers_worked_by(self.comm.rank):
-                state = self._states[name]
-                if state.decomposition is not None and state.layer.has_grad():
-                    matrix = self.method.precondition(state.decomposition, state.layer.grad_matrix(), damping)
-                    computed[name] = matrix.to(self._grad_dtype)
+        """Grad workers precondition, a shape group at a time, the others receive; then KL-clip and write ``.grad``."""
+        computed: list[tuple[list[LayerState], torch.Tensor, torch.Tensor]] = []
+        worked = self._worked
+        with self._timer.phase("preconditioning"), self._matmul_mode():
+            for group in self._groups:
+                members = [
+                    s for s in group.states if s.name in worked and s.decomposition is not None and s.layer.has_grad()
+                ]
+                if members:
+                    raw = stack_grad_matrices([s.layer for s in members])
+                    terms = group.terms(self.method, members, damping, self.options.precision)
+                    computed.append((members, self.method.apply(terms, raw).to(self._grad_dtype), raw))
         with self._timer.phase("gradient_broadcast"):
-            received = self._exchange.share_gradients(computed)
+            sent = {}
+            for members, matrix, _ in computed:
+                if any(state.name in self._broadcast_sources for state in members):
+                    for state, part in zip(members, matrix.split(members[0].layer.blocks), strict=True):
+                        if state.name in self._broadcast_sources:
+                            sent[state.name] = part
+            received = self._exchange.share_gradients(sent)
         with self._timer.phase("kl_clip"):
             self._clip_and_write(computed, received, step)
 
-    def _clip_and_write(self, computed: dict[str, torch.Tensor], received: dict[str, torch.Tensor], step: int) -> None:
-        """KL-clip every preconditioned gradient and write it into ``.grad``."""
-        # A received all-zero gradient means "not preconditioned" (a preconditioned gradient is zero only when
-        # the raw one is): keep the raw gradient then, decided on the device without a host sync.
-        states, preconditioned, raw = [], [], []
-        for name, state in self._states.items():
-            result = computed.get(name, received.get(name))
-            if result is None or not state.layer.has_grad():
-                continue
-            states.append(state)
-            preconditioned.append(result)
-            raw.append(state.layer.grad_matrix())
-        if not preconditioned:
+    def _clip_and_write(
+        self,
+        computed: list[tuple[list[LayerState], torch.Tensor, torch.Tensor]],
+        received: dict[str, torch.Tensor],
+        step: int,
+    ) -> None:
+        """KL-clip every preconditioned gradient and write it into ``.grad``, without a host sync.
+
+        ``computed``: per shape group, its members, their preconditioned and their raw gradient matrices.
+        """
+        arrived = [
+            (state, received[name], state.layer.grad_matrix())
+            for name, state in self._states.items()
+            if name in received and state.layer.has_grad()
+        ]
+        pairs = [(matrix, raw) for _, matrix, raw in computed] + [(value, raw) for _, value, raw in arrived]
+        if not pairs:
             return
         # Non-finite gradients are counted on the device (no host sync): with KL-clip from its inner product, which
         # is NaN/Inf when any preconditioned or raw gradient is (then so is what is written); without, from a
         # float64 sum of what is written.
-        inner = None
+        scale = None
         if self.options.kl_clip is not None:
-            inner = curvature.kl_inner(preconditioned, raw)
+            checked = curvature.kl_inner([m for m, _ in pairs], [r for _, r in pairs])
             lr = check_value("lr", self.lr(step), range_of("lr"), step) if callable(self.lr) else float(self.lr)
-            scale = curvature.kl_clip_scale(inner, lr, self.options.value("kl_clip", step))
-            preconditioned = [p * scale.to(p.dtype) for p in preconditioned]
-        written = []
-        for state, result, grad in zip(states, preconditioned, raw, strict=True):
-            if state.name in received:
-                result = torch.where((received[state.name] == 0).all(), grad, result)
-            state.layer.set_grad_matrix(result)
-            if inner is None:
-                written.append(result.sum(dtype=torch.float64))
-        checked = inner if inner is not None else torch.stack(written).sum()
+            scale = curvature.kl_clip_scale(checked, lr, self.options.value("kl_clip", step))
+        else:
+            checked = torch.stack([m.sum(dtype=torch.float64) for m, _ in pairs]).sum()
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for members, matrix, _ in computed:
+            write_grad_matrices([s.layer for s in members], matrix, copies)
+        if copies:
+            torch._foreach_copy_([grad for grad, _ in copies], [value for _, value in copies])
+        if scale is not None and computed:
+            written = [p.grad for members, _, _ in computed for s in members for p in s.layer.parameters()]
+            torch._foreach_mul_(cast(list[torch.Tensor], written), scale)
+        # A received all-zero gradient means "not preconditioned" (a preconditioned gradient is zero only when
+        # the raw one is): keep the raw gradient then, decided on the device.
+        for state, value, raw in arrived:
+            if scale is not None:
+                value = value * scale.to(value.dtype)
+            state.layer.set_grad_matrix(torch.where((received[state.name] == 0).all(), raw, value))
         self._health.tally("nonfinite_gradient", ~torch.isfinite(checked))
+
+    def _matmul_mode(self) -> contextlib.AbstractContextManager[None]:
+        """The ``precision`` option's matmul mode for K-FAC's products (:func:`kfac_dist.precision.matmul_mode`)."""
+        return matmul_mode(self.options.precision, self._exchange.tensors.device)
 
     def _any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank (collective), so every rank takes the same branch."""

@@ -11,6 +11,7 @@ HEALTH_COUNTERS = (
     "decomposition_kept_previous",
     "decomposition_unavailable",
     "nonfinite_gradient",
+    "eigenbasis_refreshed",
 )
 
 

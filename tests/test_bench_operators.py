@@ -11,6 +11,7 @@ from torch import nn
 from kfac_dist import KFACPreconditioner
 from kfac_dist.app.bench import main
 from kfac_dist.app.bench.operators import KIND_STEPS, OperatorCount, count_step
+from kfac_dist.methods import COMPUTE_METHODS
 
 
 def test_the_count_is_exact() -> None:
@@ -38,7 +39,7 @@ def test_plain_steps_add_no_hook_operators_and_counts_repeat() -> None:
 def test_the_benchmark_writes_every_kind_of_every_method(tmp_path: Path) -> None:
     assert main(["operators", "--out", str(tmp_path / "ops"), "--no-plot"]) == 0
     results = json.loads((tmp_path / "ops.json").read_text())
-    assert set(results["methods"]) == {"eigen", "inverse"}
+    assert set(results["methods"]) == set(COMPUTE_METHODS)
     for kinds in results["methods"].values():
         assert kinds["plain"]["hooks"] == 0 and kinds["factor"]["hooks"] > 0
         for counts in kinds.values():

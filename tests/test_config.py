@@ -161,7 +161,7 @@ def test_wrong_type_names_file_key_and_allowed(tmp_path, text, key, allowed):
         ("kfac:\n  grad_worker_fraction: 1.5\n", "kfac.grad_worker_fraction", "a number in (0, 1] or one of 'mem-opt'"),
         ("kfac:\n  grad_worker_fraction: fast\n", "kfac.grad_worker_fraction", "or one of 'mem-opt', 'hybrid-opt'"),
         ("kfac:\n  inv_update_steps: 0\n", "kfac.inv_update_steps", "an integer in [1, inf)"),
-        ("kfac:\n  compute_method: cholesky\n", "kfac.compute_method", "one of 'eigen', 'inverse'"),
+        ("kfac:\n  compute_method: cholesky\n", "kfac.compute_method", "one of 'eigen', 'inverse', 'eigen_warm'"),
         ("optimizer:\n  momentum: -0.1\n", "optimizer.momentum", "a number in [0, 1)"),
         ("lr_schedule:\n  gamma: 2\n", "lr_schedule.gamma", "a number in (0, 1]"),
         ("lr_schedule:\n  milestones: [10, 0]\n", "lr_schedule.milestones", "a list, each an integer in [1, inf)"),

@@ -4,7 +4,7 @@ memory all work with it, with no other change."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -32,15 +32,27 @@ class DiagonalMethod(ComputeMethod):
         return [("a_diag", (shape.blocks, shape.a_side), False), ("g_diag", (shape.blocks, shape.g_side), False)]
 
     def decompose(
-        self, a: torch.Tensor, g: torch.Tensor, *, a_diagonal: bool, damping: float, dtype: torch.dtype
+        self,
+        a: torch.Tensor,
+        g: torch.Tensor,
+        *,
+        a_diagonal: bool,
+        damping: float,
+        dtype: torch.dtype,
+        previous: Decomposition | None = None,
     ) -> Decomposition:
         a_diag = a if a_diagonal else torch.diagonal(a, dim1=-2, dim2=-1)
         tensors = {"a_diag": a_diag.to(dtype).clone(), "g_diag": torch.diagonal(g, dim1=-2, dim2=-1).to(dtype)}
         return Decomposition(self.name, tensors)
 
-    def precondition(self, decomposition: Decomposition, grad: torch.Tensor, damping: float) -> torch.Tensor:
+    def terms(
+        self, decomposition: Decomposition, damping: float, precision: str = "highest"
+    ) -> dict[str, torch.Tensor]:
         a_diag, g_diag = decomposition.tensors["a_diag"], decomposition.tensors["g_diag"]
-        return grad.to(a_diag.dtype) / (g_diag.unsqueeze(2) * a_diag.unsqueeze(1) + damping)
+        return {"denominator": g_diag.unsqueeze(2) * a_diag.unsqueeze(1) + damping}
+
+    def apply(self, terms: Mapping[str, torch.Tensor], grad: torch.Tensor) -> torch.Tensor:
+        return grad.to(terms["denominator"].dtype) / terms["denominator"]
 
     def decomposition_flops(self, shape: LayerShape) -> float:
         return 0.0
@@ -86,7 +98,8 @@ def train(model: nn.Module, pre: KFACPreconditioner, rank: int = 0, world_size: 
 def test_unknown_method_is_refused_until_registered(diagonal_method: None) -> None:
     assert KFACOptions(compute_method="diagonal").compute_method == "diagonal"
     del METHODS["diagonal"]
-    with pytest.raises(ValueError, match="compute_method must be one of 'eigen', 'inverse'; got 'diagonal'"):
+    allowed = "'eigen', 'inverse', 'eigen_warm'"
+    with pytest.raises(ValueError, match=f"compute_method must be one of {allowed}; got 'diagonal'"):
         KFACOptions(compute_method="diagonal")
     register()
 

@@ -53,7 +53,7 @@ def test_config_errors_come_from_the_same_ranges_and_choices() -> None:
         load_config(None, ["kfac.compute_method=qr"])
     with pytest.raises(ValueError, match=r"damping must be a number in \(0, inf\); got -1"):
         KFACOptions(damping=-1)
-    with pytest.raises(ValueError, match="compute_method must be one of 'eigen', 'inverse'; got 'qr'"):
+    with pytest.raises(ValueError, match="compute_method must be one of 'eigen', 'inverse', 'eigen_warm'; got 'qr'"):
         KFACOptions(compute_method="qr")
 
 

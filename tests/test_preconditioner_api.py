@@ -316,8 +316,8 @@ def test_works_with_any_optimizer_and_decreases_loss() -> None:
         assert losses[-1] < losses[0] - 0.05, losses
 
 
-@pytest.mark.parametrize(("symmetric_comm", "elements"), [(True, 28 + 15 + 21 + 6), (False, 49 + 25 + 36 + 9)])
-def test_factor_sums_are_freed_once_copied_into_the_buckets(symmetric_comm: bool, elements: int) -> None:
+@pytest.mark.parametrize("symmetric_comm", [True, False])
+def test_factor_sums_are_freed_once_handed_to_the_reduction(symmetric_comm: bool) -> None:
     model = mlp()
     pre = KFACPreconditioner(model, symmetric_comm=symmetric_comm)
     assert pre.memory_usage()["buffers"] == 0  # no factor step yet
@@ -325,8 +325,9 @@ def test_factor_sums_are_freed_once_copied_into_the_buckets(symmetric_comm: bool
     states = pre._states.values()
     assert all(s.sent and s.accumulator.a_sum is None and s.accumulator.g_sum is None for s in states)
     pre.step()
-    # The buffers are the factor-reduction buckets: A 7x7, G 5x5, A 6x6, G 3x3 (float32), packed if asked.
-    assert pre.memory_usage()["buffers"] == 4 * elements
+    # One process sends nothing: the reduction keeps the batch factors A 7x7, G 5x5, A 6x6, G 3x3 (float32) as
+    # they are, unpacked whatever symmetric_comm says (tests/test_distributed.py checks the packed buckets of W > 1).
+    assert pre.memory_usage()["buffers"] == 4 * (49 + 25 + 36 + 9)
 
 
 def test_profile_records_every_phase_of_factor_and_inverse_steps() -> None:

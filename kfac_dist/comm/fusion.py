@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kfac_dist.comm.base import Communicator, Handle
+from kfac_dist.comm.base import Communicator, CompletedHandle, Handle
 from kfac_dist.comm.layout import (
     DEFAULT_BUCKET_CAP_MB,
     DEFAULT_SYMMETRIC_COMM,
@@ -76,7 +76,9 @@ class FusionStep:
     """One run of a `FusionPlan` on this rank: `add` tensors, `flush`, then `wait` for the results.
 
     A step is used once; build a new one for the next step. Tensors are copied (and cast to the plan's dtype)
-    into buffers on `device`, so the caller may reuse them right after `add`.
+    into buffers on `device`, so the caller may reuse them right after `add`; except in a local bucket (a group of
+    this rank alone, :attr:`Bucket.local`), where nothing travels: the step keeps the tensor (cast) and `wait`
+    returns it as it is, unpacked, so the caller must not modify it before `wait`.
     """
 
     def __init__(
@@ -90,7 +92,12 @@ class FusionStep:
         self._category = category
         rank = comm.rank
         self._mine = [b for b in plan.buckets if rank in b.target.group]
-        self._buffers = [torch.zeros(b.numel, dtype=plan.dtype, device=device) for b in self._mine]
+        self._dtype, self._device = plan.dtype, device
+        empty = torch.empty(0, dtype=plan.dtype, device=device)
+        self._buffers = [
+            empty if b.local else torch.zeros(b.numel, dtype=plan.dtype, device=device) for b in self._mine
+        ]
+        self._kept: dict[str, torch.Tensor] = {}
         self._pending: list[set[str]] = [
             {s.key for s in b.slots} if _supplies(b.target, rank) else set() for b in self._mine
         ]
@@ -101,8 +108,8 @@ class FusionStep:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of this rank's bucket buffers (every bucket of the plan whose group holds this rank)."""
-        return sum(buffer.nbytes for buffer in self._buffers)
+        """Bytes this rank holds for the step's buckets (every bucket of the plan whose group holds this rank)."""
+        return sum(bucket.held_numel for bucket in self._mine) * self._buffers[0].element_size() if self._mine else 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         """Copy `tensor` into its bucket, then launch every bucket that is ready (see the module's rule)."""
@@ -117,8 +124,11 @@ class FusionStep:
             raise ValueError(f"{key!r} was already added, or flushed")
         if tuple(tensor.shape) != slot.shape:
             raise ValueError(f"{key!r} has shape {tuple(tensor.shape)}, the plan says {slot.shape}")
-        segment = self._buffers[index][slot.offset : slot.offset + slot.numel]
-        segment.copy_(pack_upper(tensor) if slot.packed else tensor.reshape(-1))
+        if self._mine[index].local:
+            self._kept[key] = tensor.to(self._dtype)
+        else:
+            segment = self._buffers[index][slot.offset : slot.offset + slot.numel]
+            segment.copy_(pack_upper(tensor) if slot.packed else tensor.reshape(-1))
         self._pending[index].discard(key)
         self._launch_ready()
 
@@ -149,6 +159,13 @@ class FusionStep:
             handle.wait()
             if bucket.target.op is CollectiveOp.REDUCE and bucket.target.root != self._comm.rank:
                 continue
+            if bucket.local:
+                for slot in bucket.slots:
+                    kept = self._kept.pop(slot.key, None)
+                    if kept is None:  # never added: zeros, as a collective would have sent
+                        kept = torch.zeros(slot.shape, dtype=self._dtype, device=self._device)
+                    results[slot.key] = kept
+                continue
             for slot in bucket.slots:
                 segment = buffer[slot.offset : slot.offset + slot.numel]
                 results[slot.key] = _unpack(segment, slot.shape) if slot.packed else segment.view(slot.shape)
@@ -158,7 +175,9 @@ class FusionStep:
         while len(self._handles) < len(self._mine) and not self._pending[len(self._handles)]:
             index = len(self._handles)
             target, buffer = self._mine[index].target, self._buffers[index]
-            if target.op is CollectiveOp.ALLREDUCE:
+            if self._mine[index].local:
+                handle: Handle = CompletedHandle()
+            elif target.op is CollectiveOp.ALLREDUCE:
                 handle = self._comm.allreduce(buffer, target.group, average=target.average, category=self._category)
             elif target.op is CollectiveOp.REDUCE:
                 assert target.root is not None

@@ -111,6 +111,16 @@ class Bucket:
     slots: tuple[Slot, ...]
     numel: int
 
+    @property
+    def local(self) -> bool:
+        """Whether its group is one rank: nothing travels, so a step keeps the entries as they are, unpacked."""
+        return len(self.target.group) == 1
+
+    @property
+    def held_numel(self) -> int:
+        """Elements a member holds for it during a step: the buffer, or for a :attr:`local` bucket its entries."""
+        return sum(math.prod(slot.shape) for slot in self.slots) if self.local else self.numel
+
 
 def build_buckets(
     entries: Sequence[FusionEntry],

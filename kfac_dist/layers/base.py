@@ -18,6 +18,8 @@ from typing import cast
 import torch
 from torch import nn
 
+from kfac_dist.precision import gram, operand_dtype
+
 
 class KFACLayer(ABC):
     """Kronecker-factored curvature of one module.
@@ -29,6 +31,10 @@ class KFACLayer(ABC):
 
     #: True when the A factor is diagonal and stored as a ``(b, n)`` tensor.
     a_diagonal: bool = False
+    #: True when the gradient matrix is the weight's gradient reshaped to ``(b, m, n_w)``, with the bias gradient
+    #: (if any) as a last column: same-shaped layers of such a type are read and written as one stacked tensor
+    #: (:mod:`kfac_dist.layers.batched`); other types go through :meth:`grad_matrix` / :meth:`set_grad_matrix`.
+    reshaped_weight: bool = False
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
@@ -79,15 +85,22 @@ class KFACLayer(ABC):
         """Number of examples in a module input: its leading dimension (1 for a single unbatched row)."""
         return int(inputs.shape[0]) if inputs.dim() > 1 else 1
 
-    def a_contribution(self, inputs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-        """Sum over rows of ``a a^T`` for one module call, and the number of rows."""
-        rows = self.input_rows(inputs.to(dtype))
-        return rows.transpose(1, 2) @ rows, rows.shape[1]
+    def a_contribution(
+        self, inputs: torch.Tensor, dtype: torch.dtype, precision: str = "highest"
+    ) -> tuple[torch.Tensor, int]:
+        """Sum over rows of ``a a^T`` for one module call in ``dtype``, and the number of rows.
 
-    def g_contribution(self, grad_output: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
-        """Sum over rows of ``g g^T`` for one output gradient, with ``g = scale * grad_output``."""
-        rows = self.output_rows(grad_output.to(dtype)) * scale
-        return rows.transpose(1, 2) @ rows
+        ``precision``: :mod:`kfac_dist.precision` (``"bf16"`` rounds the rows to bfloat16).
+        """
+        rows = self.input_rows(inputs.to(operand_dtype(precision, dtype)))
+        return gram(rows).to(dtype), rows.shape[1]
+
+    def g_contribution(
+        self, grad_output: torch.Tensor, dtype: torch.dtype, scale: float, precision: str = "highest"
+    ) -> torch.Tensor:
+        """Sum over rows of ``g g^T`` for one output gradient in ``dtype``, with ``g = scale * grad_output``."""
+        rows = self.output_rows(grad_output.to(operand_dtype(precision, dtype))) * scale
+        return gram(rows).to(dtype)
 
     @abstractmethod
     def grad_matrix(self) -> torch.Tensor:

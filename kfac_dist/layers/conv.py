@@ -25,6 +25,7 @@ class ConvLayer(KFACLayer):
     """K-FAC factors of a 1-d or 2-d convolution."""
 
     module: nn.Conv1d | nn.Conv2d
+    reshaped_weight = True
 
     def __init__(self, name: str, module: nn.Conv1d | nn.Conv2d) -> None:
         super().__init__(name, module)

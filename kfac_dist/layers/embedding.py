@@ -42,7 +42,9 @@ class EmbeddingLayer(KFACLayer):
         """Not materialised: one-hot rows are summarised by their counts (see ``a_contribution``)."""
         raise TypeError("embedding input rows are one-hot; use a_contribution")
 
-    def a_contribution(self, inputs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    def a_contribution(
+        self, inputs: torch.Tensor, dtype: torch.dtype, precision: str = "highest"
+    ) -> tuple[torch.Tensor, int]:
         """Token counts (the diagonal of sum_rows a a^T) and the number of rows."""
         indices = inputs.reshape(-1)
         counts = torch.bincount(indices, minlength=self.module.num_embeddings).to(dtype)

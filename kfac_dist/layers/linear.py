@@ -12,6 +12,7 @@ class LinearLayer(KFACLayer):
     """K-FAC factors of a linear layer ``s = W a + b``."""
 
     module: nn.Linear
+    reshaped_weight = True
 
     @property
     def blocks(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from kfac_dist.methods.base import ComputeMethod, Decomposition, Field, wire_numel
 from kfac_dist.methods.eigen import EIGH_FLOPS_PER_N3, EigenMethod
 from kfac_dist.methods.inverse import InverseMethod
+from kfac_dist.methods.warm_eigen import WarmEigenMethod
 
 __all__ = [
     "COMPUTE_METHODS",
@@ -22,7 +23,9 @@ __all__ = [
 ]
 
 #: Every compute method by its name.
-METHODS: dict[str, ComputeMethod] = {method.name: method for method in (EigenMethod(), InverseMethod())}
+METHODS: dict[str, ComputeMethod] = {
+    method.name: method for method in (EigenMethod(), InverseMethod(), WarmEigenMethod())
+}
 #: The allowed values of the ``compute_method`` option.
 COMPUTE_METHODS = tuple(METHODS)
 

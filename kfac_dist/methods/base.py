@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -31,6 +31,9 @@ class Decomposition:
 
     method: str
     tensors: dict[str, torch.Tensor]
+    #: Health events of making it, as counts of blocks by :data:`kfac_dist.report.HEALTH_COUNTERS` name (e.g. a
+    #: warm-started method's full refreshes); the preconditioner adds them to ``health()``.
+    events: dict[str, int] = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -39,7 +42,7 @@ class Decomposition:
 
     def cast(self, dtype: torch.dtype) -> Decomposition:
         """The same decomposition with every tensor cast to ``dtype``."""
-        return Decomposition(self.method, {name: t.to(dtype) for name, t in self.tensors.items()})
+        return Decomposition(self.method, {name: t.to(dtype) for name, t in self.tensors.items()}, self.events)
 
     def nbytes(self) -> int:
         """Bytes of its tensors."""
@@ -61,6 +64,8 @@ class ComputeMethod(ABC):
     #: A field that is never all zero in a valid decomposition: an owner without one sends zeros (see
     #: :meth:`assemble`).
     presence_field: ClassVar[str]
+    #: Whether :meth:`decompose` starts from the ``previous`` decomposition (the step then passes it).
+    warm_starts: ClassVar[bool] = False
 
     @abstractmethod
     def fields(self, shape: LayerShape) -> list[Field]:
@@ -68,17 +73,50 @@ class ComputeMethod(ABC):
 
     @abstractmethod
     def decompose(
-        self, a: torch.Tensor, g: torch.Tensor, *, a_diagonal: bool, damping: float, dtype: torch.dtype
+        self,
+        a: torch.Tensor,
+        g: torch.Tensor,
+        *,
+        a_diagonal: bool,
+        damping: float,
+        dtype: torch.dtype,
+        previous: Decomposition | None = None,
     ) -> Decomposition:
         """Decompose the running factors A, G in ``dtype``.
+
+        ``previous``: the last decomposition of the same blocks (in the same order), for methods that warm-start
+        from it; None when there is none. Each block's result depends on that block alone, never on the others
+        stacked with it, up to rounding (distributed and single-process runs stack different layers together; see
+        :mod:`kfac_dist.worklist`).
 
         Raises:
             kfac_dist.curvature.DecompositionError: if they cannot be decomposed.
         """
 
     @abstractmethod
-    def precondition(self, decomposition: Decomposition, grad: torch.Tensor, damping: float) -> torch.Tensor:
+    def terms(
+        self, decomposition: Decomposition, damping: float, precision: str = "highest"
+    ) -> dict[str, torch.Tensor]:
+        """What :meth:`apply` multiplies by, prepared once per decomposition and damping (views where possible).
+
+        A step that preconditions many times with one decomposition (every step between two inverse steps) keeps
+        them, so :meth:`apply` is only the multiplications. ``precision`` (:mod:`kfac_dist.precision`): at
+        ``"bf16"`` the matrices are kept in bfloat16 (``operand_dtype``) and :meth:`apply` multiplies with
+        :func:`kfac_dist.precision.bmm`.
+        """
+
+    @abstractmethod
+    def apply(self, terms: Mapping[str, torch.Tensor], grad: torch.Tensor) -> torch.Tensor:
+        """The preconditioned gradient matrix ``(b, m, n)`` of ``grad`` (any number of stacked blocks).
+
+        In the decomposition's dtype; batched matrix products only (one :func:`kfac_dist.precision.bmm` each).
+        """
+
+    def precondition(
+        self, decomposition: Decomposition, grad: torch.Tensor, damping: float, precision: str = "highest"
+    ) -> torch.Tensor:
         """The preconditioned gradient matrix ``(b, m, n)``, in the decomposition's dtype."""
+        return self.apply(self.terms(decomposition, damping, precision), grad)
 
     @abstractmethod
     def decomposition_flops(self, shape: LayerShape) -> float:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from kfac_dist import curvature
 from kfac_dist.methods.base import ComputeMethod, Decomposition, Field
 from kfac_dist.placement import LayerShape
+from kfac_dist.precision import bmm, operand_dtype
 
 #: Floating-point operations of a symmetric eigendecomposition with eigenvectors, per n^3 (Golub & Van Loan's ~9).
 EIGH_FLOPS_PER_N3 = 9.0
@@ -28,7 +31,14 @@ class EigenMethod(ComputeMethod):
         return [*q_a, ("l_a", (b, n), False), ("q_g", (b, m, m), False), ("l_g", (b, m), False)]
 
     def decompose(
-        self, a: torch.Tensor, g: torch.Tensor, *, a_diagonal: bool, damping: float, dtype: torch.dtype
+        self,
+        a: torch.Tensor,
+        g: torch.Tensor,
+        *,
+        a_diagonal: bool,
+        damping: float,
+        dtype: torch.dtype,
+        previous: Decomposition | None = None,
     ) -> Decomposition:
         """Eigenvalues (clamped at 0) and eigenvectors of A and G; a diagonal A is its own eigenvalues."""
         l_g, q_g = curvature.symmetric_eigh(g, dtype)
@@ -37,16 +47,28 @@ class EigenMethod(ComputeMethod):
         l_a, q_a = curvature.symmetric_eigh(a, dtype)
         return Decomposition(self.name, {"q_a": q_a, "l_a": l_a, "q_g": q_g, "l_g": l_g})
 
-    def precondition(self, decomposition: Decomposition, grad: torch.Tensor, damping: float) -> torch.Tensor:
-        """Rotate into the eigenbases, divide by ``l_G l_A^T + d``, rotate back."""
+    def terms(
+        self, decomposition: Decomposition, damping: float, precision: str = "highest"
+    ) -> dict[str, torch.Tensor]:
+        """The eigenbases, their transposes (views) and the denominator ``l_G l_A^T + d`` (in the dtype)."""
         t = decomposition.tensors
-        q_g, q_a = t["q_g"], t.get("q_a")
-        rotated = q_g.transpose(1, 2) @ grad.to(q_g.dtype)
+        low = operand_dtype(precision, decomposition.dtype)
+        q_g = t["q_g"].to(low)
+        terms = {"q_g": q_g, "q_g_t": q_g.mT}
+        if "q_a" in t:
+            q_a = t["q_a"].to(low)
+            terms |= {"q_a": q_a, "q_a_t": q_a.mT}
+        terms["denominator"] = t["l_g"].unsqueeze(2) * t["l_a"].unsqueeze(1) + damping
+        return terms
+
+    def apply(self, terms: Mapping[str, torch.Tensor], grad: torch.Tensor) -> torch.Tensor:
+        """Rotate into the eigenbases, divide by the denominator, rotate back."""
+        q_a = terms.get("q_a")
+        rotated = bmm(terms["q_g_t"], grad.to(terms["denominator"].dtype))
         if q_a is not None:
-            rotated = rotated @ q_a
-        rotated = rotated / (t["l_g"].unsqueeze(2) * t["l_a"].unsqueeze(1) + damping)
-        result = q_g @ rotated
-        return result if q_a is None else result @ q_a.transpose(1, 2)
+            rotated = bmm(rotated, q_a)
+        result = bmm(terms["q_g"], rotated / terms["denominator"])
+        return result if q_a is None else bmm(result, terms["q_a_t"])
 
     def decomposition_flops(self, shape: LayerShape) -> float:
         """``c (a^3 + g^3)`` per block, ``c`` = :data:`EIGH_FLOPS_PER_N3` (a diagonal A costs nothing)."""
