@@ -1,4 +1,9 @@
-"""Test-session rules: under KFAC_DIST_STRICT=1 (set by .ci/run) a skipped test is a failure; float32 default dtype."""
+"""Test-session rules: under KFAC_DIST_STRICT=1 (set by .ci/run) a skipped test is a failure; float32 default dtype.
+
+The one exception: a test marked ``outside_project`` needs something that is not part of the project and that no
+package index here holds (KAISA's kfac-pytorch 0.4.2, the side-by-side anchor kept beside the checkout for timing
+only, never vendored); its skip stays a skip, with its reason in the summary.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     """Turn a skip into a failure in strict mode: in CI a missing component must not pass silently."""
     outcome = yield
     report = outcome.get_result()
-    if STRICT and report.skipped:
+    if STRICT and report.skipped and item.get_closest_marker("outside_project") is None:
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"KFAC_DIST_STRICT=1: skipped tests fail ({reason})"
@@ -28,3 +33,8 @@ def _restore_default_dtype() -> Generator[None, None, None]:
     torch.set_default_dtype(torch.float32)
     yield
     torch.set_default_dtype(torch.float32)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``outside_project`` marker (see the module docstring)."""
+    config.addinivalue_line("markers", "outside_project: needs an anchor outside the project; may skip under strict")

@@ -113,8 +113,13 @@ def test_command_line_outputs(tmp_path: Path) -> None:
     assert results["meta"]["threads"] == 1
     assert results["meta"]["command"].startswith("kfac-dist bench overhead --models mlp --freqs 1,1 2,4")
     assert [r["freq"] for r in results["results"]] == [[1, 1], [2, 4]]
+    counts = results["operators"]
+    assert [c["model"] for c in counts] == ["MLP 784-128-64-10 (batch 64)"] and set(counts[0]["methods"]) == {"inverse"}
+    kinds = counts[0]["methods"]["inverse"]
+    assert kinds["plain"]["hooks"] == 0 < kinds["factor"]["hooks"] and kinds["inverse"]["step"] > kinds["plain"]["step"]
     text = out.with_suffix(".md").read_text()
     assert "| MLP 784-128-64-10 (batch 64) | (1, 1) | SGD |" in text and "## FLOP model" in text
+    assert "## ATen operators per kind of step" in text and "| inverse | factor |" in text
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

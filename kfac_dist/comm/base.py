@@ -332,7 +332,7 @@ class Communicator(ABC):
         self, op: str, category: str, group: Sequence[int] | None, tensor: torch.Tensor, root: int | None = None
     ) -> Group:
         """The canonical group of an operation, after checking its arguments (before anything is recorded)."""
-        self._check_device(op, category, tensor.device)
+        self.check_device(op, category, tensor.device)
         key = self.world if group is None else canonical_group(group)
         if self._rank not in key:
             raise ValueError(f"rank {self._rank} is not a member of group {key}")
@@ -361,7 +361,12 @@ class Communicator(ABC):
             operation = f"{operation} over all {self._world_size} ranks"
             raise CollectiveError(operation, self._rank, self.world, error) from error
 
-    def _check_device(self, op: str, category: str, device: torch.device) -> None:
+    def check_device(self, op: str, category: str, device: torch.device) -> None:
+        """Raise ValueError naming the operation if this communicator cannot serve tensors on ``device``.
+
+        Every collective checks its tensor; a fusion step whose bucket needs no collective (a group of one rank)
+        checks its entries with this, so a model on the wrong device fails the same way on one rank as on many.
+        """
         if self._devices is None:
             return
         for allowed in self._devices:

@@ -125,10 +125,14 @@ class FusionStep:
         if tuple(tensor.shape) != slot.shape:
             raise ValueError(f"{key!r} has shape {tuple(tensor.shape)}, the plan says {slot.shape}")
         if self._mine[index].local:
+            self._comm.check_device(target.op.value, self._category, tensor.device)
             self._kept[key] = tensor.to(self._dtype)
         else:
             segment = self._buffers[index][slot.offset : slot.offset + slot.numel]
-            segment.copy_(pack_upper(tensor) if slot.packed else tensor.reshape(-1))
+            if slot.packed and tensor.dtype == segment.dtype:
+                pack_upper(tensor, out=segment)
+            else:
+                segment.copy_(pack_upper(tensor) if slot.packed else tensor.reshape(-1))
         self._pending[index].discard(key)
         self._launch_ready()
 

@@ -14,14 +14,19 @@ import torch
 from kfac_dist.comm.layout import packed_numel
 
 
-def pack_upper(t: torch.Tensor) -> torch.Tensor:
+def pack_upper(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Pack the upper triangles (diagonal included, row by row) of an ``(n, n)`` or ``(b, n, n)`` tensor.
 
-    Returns a new 1-D tensor of `packed_numel(n, b)` elements, block after block.
+    Returns a 1-D tensor of `packed_numel(n, b)` elements, block after block: ``out`` (a contiguous 1-D tensor of
+    that size and the same dtype) when given, written in place, else a new one.
     """
     n = _side(t)
     flat = t.reshape(-1, n * n)
-    return flat.index_select(1, _upper_index(n, t.device)).reshape(-1)
+    index = _upper_index(n, t.device)
+    if out is None:
+        return flat.index_select(1, index).reshape(-1)
+    torch.index_select(flat, 1, index, out=out.view(flat.shape[0], -1))
+    return out
 
 
 def unpack_upper(flat: torch.Tensor, n: int, blocks: int | None = None) -> torch.Tensor:
@@ -35,11 +40,7 @@ def unpack_upper(flat: torch.Tensor, n: int, blocks: int | None = None) -> torch
             f"expected a 1-D tensor of {packed_numel(n, count)} elements for {count} packed ({n}, {n}) "
             f"matrices, got shape {tuple(flat.shape)}"
         )
-    rows = flat.reshape(count, -1)
-    out = flat.new_empty((count, n * n))
-    out.index_copy_(1, _upper_index(n, flat.device), rows)
-    out.index_copy_(1, _lower_index(n, flat.device), rows)
-    square = out.reshape(count, n, n)
+    square = flat.reshape(count, -1).index_select(1, _square_index(n, flat.device)).reshape(count, n, n)
     return square[0] if blocks is None else square
 
 
@@ -58,8 +59,11 @@ def _upper_index(n: int, device: torch.device) -> torch.Tensor:
 
 
 @lru_cache(maxsize=256)
-def _lower_index(n: int, device: torch.device) -> torch.Tensor:
-    """The mirrored indices ``j * n + i`` of `_upper_index`, in the same order."""
+def _square_index(n: int, device: torch.device) -> torch.Tensor:
+    """For each flat position ``i * n + j`` of a square, the packed position of ``(min(i, j), max(i, j))``."""
     rows, cols = torch.triu_indices(n, n, device=device)
-    index: torch.Tensor = cols * n + rows
+    index = torch.empty(n * n, dtype=torch.long, device=device)
+    packed = torch.arange(rows.numel(), device=device)
+    index[rows * n + cols] = packed
+    index[cols * n + rows] = packed
     return index

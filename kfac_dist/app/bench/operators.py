@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from kfac_dist import KFACPreconditioner
 from kfac_dist.app.bench.common import PROXY, Log, ModelSpec, positive_int
 from kfac_dist.methods import COMPUTE_METHODS
 
-__all__ = ["FULL", "KIND_STEPS", "OperatorCount", "add_arguments", "count_step", "run"]
+__all__ = ["FULL", "KIND_STEPS", "OperatorCount", "add_arguments", "count_kinds", "count_step", "run"]
 
 FULL = "the docs/ run: batch 32 (the count does not depend on the batch; the quick run uses 4)"
 #: Factors every 2 steps and decompositions every 4, so that steps 4, 5 and 6 are an inverse, a plain and a factor
@@ -82,14 +83,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=positive_int, help="examples per step (default 4; --full: 32)")
 
 
-def run(args: argparse.Namespace, log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Count every kind of step of SGD and of K-FAC with each compute method on the ResNet-50 proxy."""
-    batch = args.batch or (32 if args.full else 4)
-    spec = ModelSpec(PROXY.builder, dict(PROXY.kwargs), PROXY.input_shape)
+def count_kinds(
+    spec: ModelSpec, batch: int, methods: Sequence[str] = COMPUTE_METHODS, log: Log = print
+) -> dict[str, Any]:
+    """Operators of every kind of step (:data:`KIND_STEPS`) of K-FAC with each of `methods` on `spec`, beside SGD's.
+
+    Returns:
+        ``{"sgd_forward_backward": n, "methods": {method: {kind: counts}}}``; a kind's counts are its forward +
+        backward, the ``hooks`` they add to SGD's, ``pre.step()``'s ``step``, ``extra`` = hooks + step, and the
+        commonest operators of ``pre.step()``.
+    """
     sgd = _steps(spec, batch, None)[KIND_STEPS["plain"]][0].total
     log(f"SGD forward + backward: {sgd} operators")
-    methods: dict[str, Any] = {}
-    for method in COMPUTE_METHODS:
+    counted: dict[str, Any] = {}
+    for method in methods:
         counts = _steps(spec, batch, method)
         kinds = {}
         for kind, step in KIND_STEPS.items():
@@ -102,6 +109,13 @@ def run(args: argparse.Namespace, log: Log) -> tuple[dict[str, Any], dict[str, A
                 "top_step_operators": dict(pre_step.by_operator.most_common(12)),
             }
             log(f"{method} {kind} step: {kinds[kind]['extra']} operators beyond SGD's {sgd}")
-        methods[method] = kinds
+        counted[method] = kinds
+    return {"sgd_forward_backward": sgd, "methods": counted}
+
+
+def run(args: argparse.Namespace, log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Count every kind of step of SGD and of K-FAC with each compute method on the ResNet-50 proxy."""
+    batch = args.batch or (32 if args.full else 4)
+    spec = ModelSpec(PROXY.builder, dict(PROXY.kwargs), PROXY.input_shape)
     settings = {"model": spec.describe(), "batch": batch, "freq": list(FREQ), "kind_steps": KIND_STEPS}
-    return {"sgd_forward_backward": sgd, "methods": methods}, settings
+    return count_kinds(spec, batch, COMPUTE_METHODS, log), settings

@@ -7,9 +7,20 @@ from typing import Any
 
 from kfac_dist.app.bench.common import load_text, md_table
 
-__all__ = ["markdown", "plot"]
+__all__ = ["kinds_table", "markdown", "plot"]
 
 KINDS = ("plain", "factor", "inverse")
+
+
+def kinds_table(counts: dict[str, Any]) -> list[str]:
+    """Operators per kind of step and method beyond SGD's forward + backward (counts of ``count_kinds``)."""
+    sgd = counts["sgd_forward_backward"]
+    rows = []
+    for method, kinds in counts["methods"].items():
+        for kind in KINDS:
+            c = kinds[kind]
+            rows.append([method, kind, str(c["hooks"]), str(c["step"]), str(c["extra"]), f"{c['extra'] / sgd:.2f}"])
+    return md_table(["method", "step", "hooks", "step", "extra", "extra / SGD"], rows)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -29,12 +40,7 @@ def markdown(results: dict[str, Any]) -> str:
         "hooks), `step` (`pre.step()`), `extra` = both.",
         "",
     ]
-    rows = []
-    for method, kinds in results["methods"].items():
-        for kind in KINDS:
-            c = kinds[kind]
-            rows.append([method, kind, str(c["hooks"]), str(c["step"]), str(c["extra"]), f"{c['extra'] / sgd:.2f}"])
-    lines += md_table(["method", "step", "hooks", "step", "extra", "extra / SGD"], rows)
+    lines += kinds_table(results)
     for method, kinds in results["methods"].items():
         top = ", ".join(f"{name} {n}" for name, n in kinds["plain"]["top_step_operators"].items())
         lines += ["", f"Commonest operators of `pre.step()` on a plain step, {method}: {top}."]

@@ -1,6 +1,8 @@
 """Overhead benchmark: time per training step of SGD-momentum + K-FAC against SGD-momentum on the same model.
 
-Protocol: docs/BENCHMARKS.md section 1.
+Protocol: docs/BENCHMARKS.md section 1 (``--device cpu``, the default); on a GPU (``--device cuda``) the device
+protocol of :mod:`kfac_dist.app.bench.overhead_device` (docs/BENCHMARKS.md section 5). Both report the ATen
+operators per kind of step of the model measured (:func:`kfac_dist.app.bench.operators.count_kinds`, on the CPU).
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ from typing import Any
 import torch
 
 from kfac_dist.app.bench.arms import Arm, Block
-from kfac_dist.app.bench.common import Log, positive_int
+from kfac_dist.app.bench.common import Log, ModelSpec, positive_int
+from kfac_dist.app.bench.operators import count_kinds
+from kfac_dist.app.bench.overhead_device import BATCH_SIZES, DTYPES, DeviceSettings, run_device
+from kfac_dist.app.bench.overhead_device import FREQS as DEVICE_FREQS
 from kfac_dist.app.bench.overhead_flops import ratio_table
+from kfac_dist.app.bench.overhead_kaisa import KaisaUnavailable, require_kaisa
 from kfac_dist.app.bench.overhead_runs import (
     MODELS,
     PHASES,
@@ -30,13 +36,17 @@ from kfac_dist.app.bench.overhead_runs import (
 from kfac_dist.methods import COMPUTE_METHODS
 from kfac_dist.options import KFACOptions
 
-__all__ = ["FULL", "FULL_ROUNDS", "Settings", "add_arguments", "run", "run_benchmark"]
+__all__ = ["FULL", "FULL_ROUNDS", "Settings", "add_arguments", "operator_counts", "run", "run_benchmark"]
 
 FULL = "all frequencies, 5/5/3 rounds (the docs/ run)"
 FREQS: list[tuple[int, int]] = [(1, 1), (10, 100), (50, 500)]
 QUICK_FREQS: list[tuple[int, int]] = [(1, 1), (10, 100)]
 #: Rounds per frequency of the ``--full`` run.
 FULL_ROUNDS: dict[tuple[int, int], int] = {(1, 1): 5, (10, 100): 5, (50, 500): 3}
+#: Rounds of the device protocol (quick, ``--full``).
+DEVICE_ROUNDS = (3, 5)
+#: Examples per step of the operator count (the count does not depend on the batch).
+OPERATOR_BATCH = 4
 
 
 @dataclass
@@ -196,15 +206,26 @@ def _freq(text: str) -> tuple[int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``kfac-dist bench overhead``."""
-    parser.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS), help="models to run")
-    help_freqs = "FACTOR,INVERSE pairs (default 1,1 10,100; --full adds 50,500)"
+    device = parser.add_argument_group("device", "--device cuda: ResNet-50 at 224x224 (docs/BENCHMARKS.md section 5)")
+    device.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the protocol's device (default cpu)")
+    help_batch = f"cuda: examples per step, one run each (default {' '.join(map(str, BATCH_SIZES))})"
+    device.add_argument("--batch-sizes", nargs="+", type=positive_int, help=help_batch)
+    help_dtype = "cuda: fp32, and bf16 autocast around forward + loss (default both)"
+    device.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), help=help_dtype)
+    help_kaisa = "cuda: KAISA arms beside (needs kfac-pytorch's `kfac` importable, e.g. on PYTHONPATH)"
+    device.add_argument("--compare-kaisa", action="store_true", help=help_kaisa)
+    help_models = f"cpu: models to run (default {' '.join(MODELS)})"
+    parser.add_argument("--models", nargs="+", choices=tuple(MODELS), help=help_models)
+    help_freqs = "FACTOR,INVERSE pairs (cpu default 1,1 10,100, --full adds 50,500; cuda default 10,100)"
     parser.add_argument("--freqs", nargs="+", type=_freq, help=help_freqs)
     parser.add_argument("--methods", nargs="+", choices=COMPUTE_METHODS, default=list(COMPUTE_METHODS))
-    parser.add_argument("--rounds", type=positive_int, help="rounds per frequency (default 2; --full 5/5/3)")
+    quick, full = DEVICE_ROUNDS
+    help_rounds = f"rounds per frequency (cpu default 2, --full 5/5/3; cuda {quick}, --full {full})"
+    parser.add_argument("--rounds", type=positive_int, help=help_rounds)
     parser.add_argument("--min-block-steps", type=positive_int, default=20, help="steps per block at least")
     parser.add_argument("--warmup-steps", type=positive_int, default=10, help="untimed steps per arm")
     parser.add_argument("--profile-blocks", type=positive_int, default=1, help="profiled blocks per K-FAC arm")
-    parser.add_argument("--max-retries", type=int, default=2, help="reruns of a round that was contended")
+    parser.add_argument("--max-retries", type=int, default=2, help="cpu: reruns of a round that was contended")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -215,7 +236,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     else:
         rounds = {freq: FULL_ROUNDS.get(freq, 2) if args.full else 2 for freq in freqs}
     return Settings(
-        models=[MODELS[name] for name in args.models],
+        models=[MODELS[name] for name in args.models or MODELS],
         freqs=list(freqs),
         methods=list(args.methods),
         rounds=rounds,
@@ -233,9 +254,67 @@ def jsonable(settings: Settings) -> dict[str, Any]:
     return data
 
 
+def device_settings(args: argparse.Namespace) -> DeviceSettings:
+    """The device protocol's settings of a parsed ``--device cuda`` command line.
+
+    Raises:
+        SystemExit: If an option does not apply, CUDA is not available, or ``--compare-kaisa`` cannot import KAISA.
+    """
+    if args.models is not None:
+        raise _error("--models: only with --device cpu (--device cuda measures ResNet-50 at 224x224)")
+    if not torch.cuda.is_available():
+        raise _error(
+            f"--device {args.device}: torch.cuda.is_available() is False (no GPU here, or a CPU-only torch build); "
+            "run it on a GPU machine, or use --device cpu"
+        )
+    if args.compare_kaisa:
+        try:
+            require_kaisa()
+        except KaisaUnavailable as error:
+            raise _error(str(error)) from None
+    return DeviceSettings(
+        device=args.device,
+        batch_sizes=list(args.batch_sizes or BATCH_SIZES),
+        dtypes=list(args.dtype or DTYPES),
+        methods=list(args.methods),
+        freqs=list(args.freqs or DEVICE_FREQS),
+        rounds=args.rounds or DEVICE_ROUNDS[1 if args.full else 0],
+        min_block_steps=args.min_block_steps,
+        warmup_steps=args.warmup_steps,
+        profile_blocks=args.profile_blocks,
+        compare_kaisa=args.compare_kaisa,
+    )
+
+
+def _error(message: str) -> SystemExit:
+    """A one-line error of this benchmark's command line (exit code 1)."""
+    return SystemExit(f"kfac-dist bench overhead: error: {message}")
+
+
+def operator_counts(models: dict[str, ModelSpec], methods: list[str], log: Log = print) -> list[dict[str, Any]]:
+    """ATen operators per kind of step and method of each model (title -> the model counted, on the CPU)."""
+    counts = []
+    for title, spec in models.items():
+        log(f"{title}: ATen operators per kind of step ({spec.builder} {spec.kwargs} on {spec.input_shape})")
+        counted = count_kinds(spec, OPERATOR_BATCH, methods, log=lambda line: log(f"  {line}"))
+        counts.append({"model": title, "counted": spec.describe(), "batch": OPERATOR_BATCH, **counted})
+    return counts
+
+
 def run(args: argparse.Namespace, log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the benchmark of parsed options; the results (with the FLOP table) and the settings."""
+    """Run the benchmark of parsed options; the results (with the FLOP table or the device's) and the settings."""
+    if args.device != "cpu":
+        device = device_settings(args)
+        results = run_device(device, log)
+        title = f"{device.model.builder} {device.model.kwargs}, input {list(device.model.input_shape)}"
+        results["operators"] = operator_counts({title: device.count_model}, device.methods, log)
+        return results, device.jsonable()
+    cuda_only = {"--batch-sizes": args.batch_sizes, "--dtype": args.dtype, "--compare-kaisa": args.compare_kaisa}
+    if any(cuda_only.values()):
+        given = ", ".join(flag for flag, value in cuda_only.items() if value)
+        raise _error(f"{given}: only with --device cuda (the CPU protocol runs --models at their own batch, in fp32)")
     config = settings_from_args(args)
     results = run_benchmark(config, log)
     results["flops"] = ratio_table(config.freqs)  # ResNet-50 at 224 / batch 32 vs the proxy
+    results["operators"] = operator_counts({m.title: m.model for m in config.models}, config.methods, log)
     return results, jsonable(config)

@@ -1,4 +1,4 @@
-"""Markdown tables and the PNG phase breakdown of an overhead benchmark's results (:func:`run_benchmark`)."""
+"""Markdown tables and the PNG of an overhead benchmark's results: the CPU protocol's or the device protocol's."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from kfac_dist.app.bench.common import load_text, md_table
+from kfac_dist.app.bench.operators_report import kinds_table
 from kfac_dist.app.bench.overhead_runs import PHASES
 from kfac_dist.methods import EIGH_FLOPS_PER_N3
 
-__all__ = ["TARGET", "markdown", "plot"]
+__all__ = ["TARGET", "markdown", "operators_section", "plot"]
 
 #: The issue's target: on the ResNet-50 proxy at frequencies (10, 100), K-FAC's step <= 1.15x SGD's.
 TARGET_MODEL, TARGET_FREQ, TARGET = "ResNet-50 proxy", [10, 100], 1.15
@@ -86,8 +87,33 @@ def headline(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def operators_section(counts: list[dict[str, Any]]) -> list[str]:
+    """The ATen operators per kind of step and method of each model measured (``results["operators"]``)."""
+    lines = [
+        "## ATen operators per kind of step",
+        "",
+        "Counted on the CPU (kfac_dist/app/bench/operators.py, docs/BENCHMARKS.md section 6): operators beyond SGD's "
+        "forward + backward, `hooks` (added to forward + backward by the capture hooks), `step` (`pre.step()`), "
+        "`extra` = both. On a GPU each is a kernel launch plus Python.",
+    ]
+    for entry in counts:
+        model = entry["counted"]
+        lines += [
+            "",
+            f"{entry['model']}: counted on {model['builder']} {model['kwargs']}, input {model['input_shape']}, "
+            f"batch {entry['batch']}; SGD's forward + backward: {entry['sgd_forward_backward']} operators.",
+            "",
+            *kinds_table(entry),
+        ]
+    return [*lines, ""]
+
+
 def markdown(results: dict[str, Any]) -> str:
-    """The Markdown report (docs/results/overhead.md)."""
+    """The Markdown report (docs/results/overhead.md; a device run's: :mod:`overhead_device_report`)."""
+    if results.get("protocol") == "device":
+        from kfac_dist.app.bench import overhead_device_report  # it uses this module's tables
+
+        return overhead_device_report.markdown(results)
     meta = results.get("meta", {})
     lines = ["# Overhead: time per step of SGD-momentum + K-FAC vs SGD-momentum", ""]
     if meta:
@@ -130,6 +156,8 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if health:
         lines += ["## Numerical fallbacks (pre.health(), whole run incl. warm-up)", "", *health, ""]
+    if "operators" in results:
+        lines += operators_section(results["operators"])
     return "\n".join(lines)
 
 
@@ -137,8 +165,12 @@ def plot(results: dict[str, Any], out: Path) -> Path:
     """Stacked bars of the phase breakdown (ms per step), one panel per model; writes ``<out>.png``.
 
     Each frequency has an SGD bar and one bar per K-FAC method; a black tick marks the unprofiled median step
-    time of the arm, a dashed red tick 1.15x SGD's.
+    time of the arm, a dashed red tick 1.15x SGD's. A device run's plot: :mod:`overhead_device_report`.
     """
+    if results.get("protocol") == "device":
+        from kfac_dist.app.bench import overhead_device_report
+
+        return overhead_device_report.plot(results, out)
     import matplotlib
 
     matplotlib.use("Agg")
