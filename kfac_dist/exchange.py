@@ -200,13 +200,22 @@ class Exchange:
         results = step.wait()
         shared: dict[str, Decomposition | None] = {}
         due = set(layers)
+        received = []
         for name in self.plan.layers_worked_by(self.comm.rank):
             if name not in due:
                 continue
             if self.plan.layer(name).owner == self.comm.rank or len(self.plan.layer(name).grad_workers) == 1:
                 shared[name] = owned.get(name)
             else:
-                shared[name] = self._assemble(name, results)
+                received.append(name)
+        # Which arrived (one host sync for all of them); kept as views of the buckets, which the receivers' shape
+        # groups copy into their stacks (kfac_dist.worklist), so nothing is copied twice.
+        presence = self.method.presence_field
+        flags = torch.stack([results[f"{n}/{presence}"].any() for n in received]).tolist() if received else []
+        for name, present in zip(received, flags, strict=True):
+            fields = self.method.fields(self._shapes[name])
+            tensors = {f: results[f"{name}/{f}"] for f, _, _ in fields}
+            shared[name] = Decomposition(self.method.name, tensors) if present else None
         return shared
 
     def _add_decomposition(self, step: FusionStep, name: str, decomposition: Decomposition) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -47,3 +48,22 @@ def test_the_benchmark_writes_every_kind_of_every_method(tmp_path: Path) -> None
             assert counts["forward_backward"] == results["sgd_forward_backward"] + counts["hooks"]
     text = (tmp_path / "ops.md").read_text()
     assert "| eigen | plain |" in text and "Commonest operators" in text
+
+
+def test_the_benchmark_counts_every_rank_of_a_gloo_group(tmp_path: Path) -> None:
+    argv = ["operators", "--world-size", "2", "--grad-worker-fraction", "mem-opt", "--batch", "2"]
+    assert main([*argv, "--out", str(tmp_path / "ops"), "--no-plot"]) == 0
+    results = json.loads((tmp_path / "ops.json").read_text())
+    assert results["meta"]["settings"]["world_size"] == 2
+    assert results["meta"]["settings"]["grad_worker_fraction"] == "mem-opt"
+    for method, kinds in results["methods"].items():
+        for kind, counts in kinds.items():
+            assert results["max_extra_over_ranks"][method][kind] >= counts["extra"] > 0
+    assert "extra, max over ranks" in (tmp_path / "ops.md").read_text()
+
+
+def test_a_bad_fraction_is_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["operators", "--grad-worker-fraction", "2.5", "--no-plot"])
+    assert stop.value.code == 2
+    assert "--grad-worker-fraction" in capsys.readouterr().err

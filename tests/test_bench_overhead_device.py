@@ -159,6 +159,19 @@ def test_the_report_of_a_device_run(device_results: dict[str, Any], tmp_path: Pa
     assert overhead_report.plot(results, tmp_path / "dev").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_report_projects_the_ratio_with_decompositions_spread_over_ranks(device_results: dict[str, Any]) -> None:
+    entry = device_results["results"][0]
+    sgd, arm = entry["arms"]["SGD"]["median_ms"], entry["arms"]["kfac-dist eigen"]
+    decomposition = arm["profiled"]["phases_ms"]["decomposition"]
+    assert decomposition > 0  # decompositions every 4 steps
+    table = "\n".join(overhead_device_report.spread_table(device_results))
+    projected = [arm["ratio"] - (1 - 1 / w) * decomposition / sgd for w in overhead_device_report.SPREAD_WORLDS]
+    assert projected[0] < arm["ratio"] and projected[1] < projected[0]
+    row = f"| {entry['batch']} | {entry['dtype']} | (2, 4) | eigen | {arm['ratio']:.2f}x |"
+    assert row in table and f"| {projected[0]:.2f}x | {projected[1]:.2f}x |" in table
+    assert "decompositions spread over ranks" in overhead_report.markdown(device_results)
+
+
 @pytest.mark.outside_project
 def test_kaisa_arms_run_beside_on_the_same_start(kaisa: None) -> None:
     settings = tiny_settings(compare_kaisa=True, dtypes=["fp32"])

@@ -17,7 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kfac_dist import KFACPreconditioner
 from kfac_dist.app.bench.common import PROXY, Log, ModelSpec, positive_int
+from kfac_dist.app.processes import run_gloo
 from kfac_dist.methods import COMPUTE_METHODS
+from kfac_dist.placement import DEFAULT_GRAD_WORKER_FRACTION, resolve_grad_worker_fraction
 
 __all__ = ["FULL", "KIND_STEPS", "OperatorCount", "add_arguments", "count_kinds", "count_step", "run"]
 
@@ -61,12 +63,20 @@ def count_step(
     return backprop, step
 
 
-def _steps(spec: ModelSpec, batch_size: int, method: str | None) -> dict[int, tuple[OperatorCount, OperatorCount]]:
-    """Counts of steps 0 .. max(KIND_STEPS) of SGD (`method` None) or K-FAC with `method`."""
+def _steps(
+    spec: ModelSpec, batch_size: int, method: str | None, fraction: float | str = DEFAULT_GRAD_WORKER_FRACTION
+) -> dict[int, tuple[OperatorCount, OperatorCount]]:
+    """Counts of steps 0 .. max(KIND_STEPS) of SGD (`method` None) or K-FAC with `method`, on this rank."""
     model = spec.build(seed=0)
     pre = None
     if method is not None:
-        pre = KFACPreconditioner(model, compute_method=method, factor_update_steps=FREQ[0], inv_update_steps=FREQ[1])
+        pre = KFACPreconditioner(
+            model,
+            compute_method=method,
+            factor_update_steps=FREQ[0],
+            inv_update_steps=FREQ[1],
+            grad_worker_fraction=fraction,
+        )
     batch = spec.batch(batch_size, torch.Generator().manual_seed(0))
     counts = {}
     for step in range(max(KIND_STEPS.values()) + 1):
@@ -81,10 +91,36 @@ def _steps(spec: ModelSpec, batch_size: int, method: str | None) -> dict[int, tu
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This benchmark's options."""
     parser.add_argument("--batch", type=positive_int, help="examples per step (default 4; --full: 32)")
+    parser.add_argument(
+        "--world-size", type=positive_int, default=1, help="ranks (gloo processes; counts of every rank, default 1)"
+    )
+    parser.add_argument(
+        "--grad-worker-fraction",
+        type=_fraction,
+        default=DEFAULT_GRAD_WORKER_FRACTION,
+        help=f"placement with --world-size > 1 (default {DEFAULT_GRAD_WORKER_FRACTION})",
+    )
+
+
+def _fraction(text: str) -> float | str:
+    """A grad_worker_fraction from the command line: a strategy name or a number."""
+    try:
+        value: float | str = float(text)
+    except ValueError:
+        value = text
+    try:
+        resolve_grad_worker_fraction(value, 1)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
 
 
 def count_kinds(
-    spec: ModelSpec, batch: int, methods: Sequence[str] = COMPUTE_METHODS, log: Log = print
+    spec: ModelSpec,
+    batch: int,
+    methods: Sequence[str] = COMPUTE_METHODS,
+    log: Log = print,
+    fraction: float | str = DEFAULT_GRAD_WORKER_FRACTION,
 ) -> dict[str, Any]:
     """Operators of every kind of step (:data:`KIND_STEPS`) of K-FAC with each of `methods` on `spec`, beside SGD's.
 
@@ -97,7 +133,7 @@ def count_kinds(
     log(f"SGD forward + backward: {sgd} operators")
     counted: dict[str, Any] = {}
     for method in methods:
-        counts = _steps(spec, batch, method)
+        counts = _steps(spec, batch, method, fraction)
         kinds = {}
         for kind, step in KIND_STEPS.items():
             backprop, pre_step = counts[step]
@@ -113,9 +149,41 @@ def count_kinds(
     return {"sgd_forward_backward": sgd, "methods": counted}
 
 
+def _rank_counts(rank: int, world_size: int, spec: ModelSpec, batch: int, fraction: float | str) -> dict[str, Any]:
+    """:func:`count_kinds` on one rank of a gloo group (its K-FAC collectives included in the count)."""
+    return count_kinds(spec, batch, COMPUTE_METHODS, lambda line: None, fraction)
+
+
 def run(args: argparse.Namespace, log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Count every kind of step of SGD and of K-FAC with each compute method on the ResNet-50 proxy."""
+    """Count every kind of step of SGD and of K-FAC with each compute method on the ResNet-50 proxy.
+
+    With ``--world-size W > 1`` every rank counts its own steps in a gloo group; the results are rank 0's, with
+    the largest ``extra`` over the ranks beside them (``max_extra_over_ranks``).
+    """
     batch = args.batch or (32 if args.full else 4)
     spec = ModelSpec(PROXY.builder, dict(PROXY.kwargs), PROXY.input_shape)
-    settings = {"model": spec.describe(), "batch": batch, "freq": list(FREQ), "kind_steps": KIND_STEPS}
-    return count_kinds(spec, batch, COMPUTE_METHODS, log), settings
+    world, fraction = args.world_size, args.grad_worker_fraction
+    settings = {
+        "model": spec.describe(),
+        "batch": batch,
+        "freq": list(FREQ),
+        "kind_steps": KIND_STEPS,
+        "world_size": world,
+        "grad_worker_fraction": fraction,
+    }
+    if world == 1:
+        return count_kinds(spec, batch, COMPUTE_METHODS, log, fraction), settings
+    log(f"counting on {world} gloo ranks (grad_worker_fraction {fraction})")
+    ranks = run_gloo(_rank_counts, world, spec, batch, fraction, timeout=1800.0, pg_timeout=600.0)
+    results = ranks[0]
+    results["max_extra_over_ranks"] = {
+        method: {kind: max(r["methods"][method][kind]["extra"] for r in ranks) for kind in KIND_STEPS}
+        for method in results["methods"]
+    }
+    for method, kinds in results["methods"].items():
+        for kind, counts in kinds.items():
+            log(
+                f"{method} {kind} step, rank 0: {counts['extra']} operators beyond SGD's; max over ranks "
+                f"{results['max_extra_over_ranks'][method][kind]}"
+            )
+    return results, settings

@@ -15,12 +15,15 @@ KINDS = ("plain", "factor", "inverse")
 def kinds_table(counts: dict[str, Any]) -> list[str]:
     """Operators per kind of step and method beyond SGD's forward + backward (counts of ``count_kinds``)."""
     sgd = counts["sgd_forward_backward"]
+    most = counts.get("max_extra_over_ranks")
     rows = []
     for method, kinds in counts["methods"].items():
         for kind in KINDS:
             c = kinds[kind]
-            rows.append([method, kind, str(c["hooks"]), str(c["step"]), str(c["extra"]), f"{c['extra'] / sgd:.2f}"])
-    return md_table(["method", "step", "hooks", "step", "extra", "extra / SGD"], rows)
+            row = [method, kind, str(c["hooks"]), str(c["step"]), str(c["extra"]), f"{c['extra'] / sgd:.2f}"]
+            rows.append(row + ([str(most[method][kind])] if most else []))
+    header = ["method", "step", "hooks", "step", "extra", "extra / SGD"]
+    return md_table(header + (["extra, max over ranks"] if most else []), rows)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -35,6 +38,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"load {load_text(meta['load_average_before_after'])}.",
         f"Model: {model['builder']} {model['kwargs']}, input {model['input_shape']}, batch {settings['batch']}. "
         f"SGD's forward + backward: {sgd} operators.",
+        f"Ranks: {settings.get('world_size', 1)} (grad_worker_fraction {settings.get('grad_worker_fraction')}; "
+        "counts of rank 0, and with more than one rank the largest extra over the ranks).",
         "",
         "K-FAC's operators beyond SGD's forward + backward: `hooks` (added to forward + backward by the capture "
         "hooks), `step` (`pre.step()`), `extra` = both.",

@@ -84,6 +84,30 @@ def phases_table(results: dict[str, Any]) -> list[str]:
     return md_table([*head, "named / step"], body)
 
 
+#: World sizes of the projection in :func:`spread_table`.
+SPREAD_WORLDS = (8, 64)
+
+
+def spread_table(results: dict[str, Any]) -> list[str]:
+    """Each kfac-dist arm's ratio to SGD with its decomposition phase divided over W ranks (a projection).
+
+    ``ratio - (1 - 1/W) decomposition / SGD``: MEM-OPT and HYBRID placements give each rank about 1/W of the
+    decompositions (kfac_dist/placement.py); the decompositions' broadcast and every other collective are not counted.
+    """
+    head = ["batch", "dtype", "(f, p)", "method", "x SGD, one rank", "decomposition ms/step"]
+    head += [f"x SGD, decompositions over {w} ranks" for w in SPREAD_WORLDS]
+    body = []
+    for entry in results["results"]:
+        sgd = entry["arms"]["SGD"]["median_ms"]
+        for arm in entry["arms"].values():
+            if arm["kind"] != "kfac-dist" or "profiled" not in arm:
+                continue
+            decomposition = arm["profiled"]["phases_ms"]["decomposition"]
+            spread = [f"{arm['ratio'] - (1 - 1 / w) * decomposition / sgd:.2f}x" for w in SPREAD_WORLDS]
+            body.append([*_config(entry), arm["method"], f"{arm['ratio']:.2f}x", _ms(decomposition), *spread])
+    return md_table(head, body)
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The Markdown report of a device run."""
     meta = results.get("meta", {})
@@ -119,6 +143,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"`named / step` is the named phases' sum over the profiled step (within 1 +- {results['tolerance']:.2f}).",
         "",
         *phases_table(results),
+        "",
+        "## The way to scale: decompositions spread over ranks (projection)",
+        "",
+        "The one-rank ratio minus `(1 - 1/W)` of the decomposition phase per step over SGD's step: what MEM-OPT or "
+        "HYBRID placement leaves of it on each of W ranks (communication not counted; `kfac-dist bench scaling` "
+        "measures and models it with the bytes).",
+        "",
+        *spread_table(results),
         "",
         *operators_section(results.get("operators", [])),
     ]
