@@ -24,6 +24,7 @@ from typing import Any, TypedDict, cast
 import torch
 
 from kfac_dist.comm.layout import DEFAULT_BUCKET_CAP_MB, DEFAULT_SYMMETRIC_COMM
+from kfac_dist.fisher import FISHERS
 from kfac_dist.methods import COMPUTE_METHODS, get_method
 from kfac_dist.placement import (
     ASSIGNMENTS,
@@ -226,6 +227,12 @@ class KFACOptions:
         choices=FACTOR_DTYPES,
         plans=True,
     )
+    fisher: str = _option(
+        "empirical",
+        "The Fisher the G factors estimate: 'empirical' (the data's labels) or 'mc' (labels sampled from the model; "
+        "needs KFACPreconditioner.backward); see kfac_dist.fisher.",
+        choices=FISHERS,
+    )
     precision: str = _option(
         "highest",
         "Precision of K-FAC's own matrix products: 'highest' (exact), 'tf32' (CUDA) or 'bf16' inputs; "
@@ -244,7 +251,7 @@ class KFACOptions:
         if self.kl_clip is not None:
             check_hyper("kl_clip", self.kl_clip, meta["kl_clip"]["range"])
         get_method(self.compute_method)  # the table as it is now: a method registered at run time is valid
-        for name in ("assignment", "factor_comm", "precision"):
+        for name in ("assignment", "factor_comm", "fisher", "precision"):
             check_choice(name, getattr(self, name), meta[name]["choices"])
         resolve_grad_worker_fraction(self.grad_worker_fraction, 1)
         check_flag("symmetric_comm", self.symmetric_comm)
@@ -315,5 +322,6 @@ class OptionOverrides(TypedDict, total=False):
     bucket_cap_mb: float
     inv_dtype: str | torch.dtype
     factor_dtype: str | torch.dtype | None
+    fisher: str
     precision: str
     skip_layers: Iterable[str] | str

@@ -15,6 +15,7 @@ from kfac_dist import curvature
 from kfac_dist.agreement import describe_options, option_differences
 from kfac_dist.comm import Communicator, LocalCommunicator, RendezvousTimeout, TorchDistCommunicator
 from kfac_dist.exchange import Exchange, TensorFormat
+from kfac_dist.fisher import LOSS_KINDS, sampled_loss
 from kfac_dist.health import Health
 from kfac_dist.layers.batched import stack_grad_matrices, write_grad_matrices
 from kfac_dist.methods import get_method
@@ -146,6 +147,9 @@ class KFACPreconditioner:
         self._force_inverse = False
         self._health = Health()
         self._timer = PhaseTimer(check_flag("profile", profile), tensors.device)
+        self._outputs: list[torch.Tensor] = []  # fisher="mc": this micro-batch's module outputs, for backward()
+        self._sampling = False
+        self._sampled_passes = 0
         self._handles = [self.model.register_forward_pre_hook(self._count_forward_pass)]
         self._handles += [
             state.layer.module.register_forward_hook(partial(self._capture_input, state))
@@ -181,9 +185,16 @@ class KFACPreconditioner:
         with self._timer.phase("factor_computation"), torch.no_grad(), self._matmul_mode():
             state.accumulator.add_input(inputs, self._forward_passes, self._factor_dtype, self.options.precision)
         output.register_hook(partial(self._capture_output_grad, state, state.layer.examples(inputs)))
+        if self.options.fisher == "mc":
+            self._outputs.append(output)
 
     def _capture_output_grad(self, state: LayerState, examples: int, grad_output: torch.Tensor) -> None:
-        """Tensor hook on a module output: add the output gradient; hand finished layers to the exchange."""
+        """Tensor hook on a module output: add the output gradient; hand finished layers to the exchange.
+
+        With ``fisher="mc"`` only the sampled pass of :meth:`backward` is captured, not the user's own backward.
+        """
+        if self.options.fisher == "mc" and not self._sampling:
+            return
         scale = float(examples * self.accumulation_steps) if self.loss_reduction == "mean" else 1.0
         scale /= self._loss_scale()
         accumulator = state.accumulator
@@ -204,6 +215,44 @@ class KFACPreconditioner:
             return float(self.grad_scaler.get_scale())
         return float(self.grad_scaler())
 
+    # ----------------------------------------------------------------------------------------------- backward
+    def backward(
+        self,
+        loss: torch.Tensor,
+        outputs: torch.Tensor,
+        loss_kind: str = "cross_entropy",
+        *,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """``loss.backward()``, after, on factor steps with ``fisher="mc"``, the sampled pass of the true Fisher.
+
+        Call it instead of ``loss.backward()`` (once per micro-batch): ``pre.backward(loss, logits)``. With
+        ``fisher="mc"`` on a factor step it first back-propagates the ``loss_kind`` loss of ``outputs`` (the model's
+        outputs that ``loss`` was computed from) against targets drawn from the model's predictive distribution
+        (:func:`kfac_dist.fisher.sampled_loss`), scaled as ``loss`` is (``1 / accumulation_steps`` and the loss
+        scale), down to the preconditioned modules' outputs only: the G factors are made of it and the parameters'
+        gradients are not touched. Then ``loss.backward()`` makes the gradients as usual (their G contributions are
+        ignored). Otherwise it is ``loss.backward()``.
+
+        Args:
+            loss: what the caller would call ``backward()`` on (already divided and scaled as usual).
+            outputs: the model's outputs ``loss`` was computed from (logits for the cross-entropies).
+            loss_kind: ``"cross_entropy"``, ``"binary_cross_entropy"`` (with logits) or ``"mse"``.
+            generator: the random generator of the draws (default: torch's global one).
+        """
+        check_choice("loss_kind", loss_kind, LOSS_KINDS)
+        if self.options.fisher == "mc" and self._capturing and self._outputs:
+            sampled = sampled_loss(outputs, loss_kind, self.loss_reduction, generator)
+            sampled = sampled * (self._loss_scale() / self.accumulation_steps)
+            captured, self._outputs = self._outputs, []
+            self._sampling = True
+            try:
+                torch.autograd.grad(sampled, captured, retain_graph=True, allow_unused=True)
+            finally:
+                self._sampling = False
+            self._sampled_passes += 1
+        loss.backward()
+
     # ----------------------------------------------------------------------------------------------- step
     def step(self) -> None:
         """Update factors and decompositions as scheduled and precondition the gradients in place."""
@@ -212,6 +261,11 @@ class KFACPreconditioner:
             raise RuntimeError(
                 "KFACPreconditioner.step() found no gradient on any preconditioned layer: "
                 "call loss.backward() before pre.step()"
+            )
+        if self._capturing and self.options.fisher == "mc" and self._sampled_passes == 0:
+            raise RuntimeError(
+                "fisher='mc' samples the G factors' labels in KFACPreconditioner.backward(loss, outputs): call it "
+                "instead of loss.backward() (on every step; on a factor step it adds the sampled pass)"
             )
         damping = self.options.value("damping", step)
         if self._capturing:
@@ -222,7 +276,8 @@ class KFACPreconditioner:
             self._force_inverse = False
         self._precondition(damping, step)
         self.steps += 1
-        self._passes_this_step = 0
+        self._passes_this_step = self._sampled_passes = 0
+        self._outputs = []
         self._capturing = self._is_factor_step(self.steps)
 
     def _update_factors(self, step: int) -> None:

@@ -229,7 +229,11 @@ class Trainer:
                     output = self.wrapped(x)
                     loss = self.criterion(output, y)
                 scaled = loss / k
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                to_backward = self.scaler.scale(scaled) if self.scaler is not None else scaled
+                if self.pre is not None:  # kfac.fisher=mc: the sampled pass on factor steps, then the same backward
+                    self.pre.backward(to_backward, output)
+                else:
+                    to_backward.backward()
             step_sums[0] += loss.detach() * y.numel()
             step_sums[1] += (output.argmax(1) == y).sum()
             step_sums[2] += y.numel()
