@@ -174,6 +174,12 @@ class KFACOptions:
         allowed=_PERIOD,
         plans=True,
     )
+    factor_warmup_steps: int = _option(
+        0,
+        "Factors are also captured and updated on every step k < factor_warmup_steps (early in training they change "
+        "fastest); the planner's amortised bytes are those after it.",
+        allowed=Range(0, integer=True),
+    )
     inv_update_steps: IntHyper = _option(
         1,
         "Decompositions are recomputed on steps k with k % inv_update_steps == 0.",
@@ -256,6 +262,7 @@ class KFACOptions:
         resolve_grad_worker_fraction(self.grad_worker_fraction, 1)
         check_flag("symmetric_comm", self.symmetric_comm)
         check_flag("inv_stagger", self.inv_stagger)
+        check_value("factor_warmup_steps", self.factor_warmup_steps, meta["factor_warmup_steps"]["range"])
         if self.inv_stagger and callable(self.inv_update_steps):
             raise ValueError("inv_stagger needs a constant inv_update_steps (phases divide one period)")
         check_value("bucket_cap_mb", self.bucket_cap_mb, meta["bucket_cap_mb"]["range"])
@@ -309,6 +316,7 @@ class OptionOverrides(TypedDict, total=False):
     """
 
     factor_update_steps: IntHyper
+    factor_warmup_steps: int
     inv_update_steps: IntHyper
     inv_stagger: bool
     damping: FloatHyper

@@ -165,7 +165,8 @@ class KFACPreconditioner:
 
     # ----------------------------------------------------------------------------------------------- capture
     def _is_factor_step(self, step: int) -> bool:
-        return step % int(self.options.value("factor_update_steps", step)) == 0
+        warming_up = step < self.options.factor_warmup_steps
+        return warming_up or step % int(self.options.value("factor_update_steps", step)) == 0
 
     def _count_forward_pass(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self._forward_passes += 1
