@@ -195,6 +195,11 @@ class KFACOptions:
     damping: FloatHyper = _option(
         1.0, "Tikhonov damping of the Kronecker-factored curvature, in kfac-dist's factor scale.", allowed=_POSITIVE
     )
+    adaptive_damping: bool = _option(
+        False,
+        "Adjust the damping by the Levenberg-Marquardt rule on factor steps (KFACPreconditioner.adapt_damping after "
+        "the optimizer's step); 'damping' is its start; see kfac_dist.damping.",
+    )
     factor_decay: FloatHyper = _option(0.95, "Running-average decay of the factors.", allowed=Range(0, 1))
     kl_clip: FloatHyper | None = _option(
         1e-3, "KL-clip bound (Ba et al. 2017) on the preconditioned step; None disables clipping.", allowed=_POSITIVE
@@ -263,6 +268,9 @@ class KFACOptions:
         check_flag("symmetric_comm", self.symmetric_comm)
         check_flag("inv_stagger", self.inv_stagger)
         check_value("factor_warmup_steps", self.factor_warmup_steps, meta["factor_warmup_steps"]["range"])
+        check_flag("adaptive_damping", self.adaptive_damping)
+        if self.adaptive_damping and callable(self.damping):
+            raise ValueError("adaptive_damping starts from a constant damping; got a callable")
         if self.inv_stagger and callable(self.inv_update_steps):
             raise ValueError("inv_stagger needs a constant inv_update_steps (phases divide one period)")
         check_value("bucket_cap_mb", self.bucket_cap_mb, meta["bucket_cap_mb"]["range"])
@@ -320,6 +328,7 @@ class OptionOverrides(TypedDict, total=False):
     inv_update_steps: IntHyper
     inv_stagger: bool
     damping: FloatHyper
+    adaptive_damping: bool
     factor_decay: FloatHyper
     kl_clip: FloatHyper | None
     compute_method: str

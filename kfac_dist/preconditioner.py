@@ -14,6 +14,7 @@ from torch import nn
 from kfac_dist import curvature
 from kfac_dist.agreement import describe_options, option_differences
 from kfac_dist.comm import Communicator, LocalCommunicator, RendezvousTimeout, TorchDistCommunicator
+from kfac_dist.damping import curvature_terms, next_damping, reduction_ratio
 from kfac_dist.exchange import Exchange, TensorFormat
 from kfac_dist.fisher import LOSS_KINDS, sampled_loss
 from kfac_dist.health import Health
@@ -147,6 +148,9 @@ class KFACPreconditioner:
         self._force_inverse = False
         self._health = Health()
         self._timer = PhaseTimer(check_flag("profile", profile), tensors.device)
+        self._adapted_damping = self.options.value("damping", 0) if self.options.adaptive_damping else None
+        self._adapted_at: int | None = None
+        self._probe: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] | None = None
         self._outputs: list[torch.Tensor] = []  # fisher="mc": this micro-batch's module outputs, for backward()
         self._sampling = False
         self._sampled_passes = 0
@@ -263,14 +267,17 @@ class KFACPreconditioner:
                 "KFACPreconditioner.step() found no gradient on any preconditioned layer: "
                 "call loss.backward() before pre.step()"
             )
+        self._probe = None  # an adjustment not made after the last step (e.g. a skipped update) is dropped
         if self._capturing and self.options.fisher == "mc" and self._sampled_passes == 0:
             raise RuntimeError(
                 "fisher='mc' samples the G factors' labels in KFACPreconditioner.backward(loss, outputs): call it "
                 "instead of loss.backward() (on every step; on a factor step it adds the sampled pass)"
             )
-        damping = self.options.value("damping", step)
+        damping = self.damping
         if self._capturing:
             self._update_factors(step)
+            if self.options.adaptive_damping:
+                self._probe = self._take_probe()
         due = self._schedule.names if self._force_inverse else self._schedule.due(step)
         if due:
             self._update_decompositions(damping, due)
@@ -280,6 +287,64 @@ class KFACPreconditioner:
         self._passes_this_step = self._sampled_passes = 0
         self._outputs = []
         self._capturing = self._is_factor_step(self.steps)
+
+    # ----------------------------------------------------------------------------------------------- damping
+    @property
+    def damping(self) -> float:
+        """The damping of the current step: ``damping``'s value, or where ``adaptive_damping`` has moved it."""
+        if self._adapted_damping is not None:
+            return self._adapted_damping
+        return self.options.value("damping", self.steps)
+
+    @property
+    def adaptation_due(self) -> bool:
+        """Whether the last ``step()`` expects :meth:`adapt_damping` (``adaptive_damping``, a factor step)."""
+        return self._probe is not None
+
+    def _take_probe(self) -> dict[str, tuple[torch.Tensor, list[torch.Tensor]]]:
+        """The raw gradient matrix and a copy of the parameters of each layer this rank owns factors of."""
+        return {
+            name: (state.layer.grad_matrix().clone(), [p.detach().clone() for p in state.layer.parameters()])
+            for name in self._plan.layers_owned_by(self.comm.rank)
+            if (state := self._states[name]).a is not None and state.layer.has_grad()
+        }
+
+    def adapt_damping(self, loss_before: float | torch.Tensor, loss_after: float | torch.Tensor) -> float:
+        """Move the damping by the reduction ratio of the last step's update (:mod:`kfac_dist.damping`).
+
+        Call it on every rank after the optimizer's step whenever :attr:`adaptation_due`, with this rank's loss on
+        its batch before the update (the step's loss) and after it (one more forward pass of the same batch, no
+        gradient). Collective: the ranks' losses are averaged and the curvature terms summed over the layers'
+        owners. Returns the new damping.
+        """
+        if self._probe is None:
+            raise RuntimeError("adapt_damping() follows a step() that expects it: check pre.adaptation_due first")
+        probe, self._probe = self._probe, None
+        terms = torch.zeros(5, dtype=torch.float64, device=self._exchange.tensors.device)
+        for name, (grad, before) in probe.items():
+            state = self._states[name]
+            assert state.a is not None and state.g is not None
+            params = state.layer.parameters()
+            kept = [p.grad for p in params]
+            for param, old in zip(params, before, strict=True):
+                param.grad = param.detach() - old
+            delta = state.layer.grad_matrix().clone()
+            for param, grad_tensor in zip(params, kept, strict=True):
+                param.grad = grad_tensor
+            quadratic, squared, linear = curvature_terms(delta, grad, state.a, state.g, state.layer.a_diagonal)
+            terms[:3] += torch.stack([quadratic, squared, linear]).to(torch.float64)
+        terms[3], terms[4] = (
+            float(x.detach()) if isinstance(x, torch.Tensor) else float(x) for x in (loss_before, loss_after)
+        )
+        self.comm.allreduce(terms, average=False, category="damping").wait()
+        quadratic, squared, linear, before_sum, after_sum = terms.tolist()
+        world = self.comm.world_size
+        damping = self.damping
+        ratio = reduction_ratio(before_sum / world, after_sum / world, quadratic, squared, linear, damping)
+        period = self.steps - self._adapted_at if self._adapted_at is not None else 1
+        self._adapted_damping = next_damping(damping, ratio, max(period, 1))
+        self._adapted_at = self.steps
+        return self._adapted_damping
 
     def _update_factors(self, step: int) -> None:
         """Reduce this step's batch factors and fold them into the running averages this rank keeps."""
@@ -506,6 +571,7 @@ class KFACPreconditioner:
             "compute_method": self.options.compute_method,
             "decompositions": self._exchange.gather_decompositions(owned),
             "health": self._health.totals(),
+            "damping": self._adapted_damping,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any], *, timeout: float = STATE_TIMEOUT_S) -> None:
@@ -545,6 +611,8 @@ class KFACPreconditioner:
             missing |= name in worked and state.decomposition is None and name in factors
         self.steps = int(state_dict["steps"])
         self._health.counters.update(state_dict.get("health", {}))
+        if self.options.adaptive_damping and state_dict.get("damping") is not None:
+            self._adapted_damping = float(state_dict["damping"])
         self._capturing = self._is_factor_step(self.steps)
         self._force_inverse = self._any_rank(missing)
 

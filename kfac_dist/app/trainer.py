@@ -259,6 +259,22 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.pre is not None and self.pre.adaptation_due:
+            self._adapt_damping(group, step_sums)
+
+    def _adapt_damping(self, group: list[tuple[torch.Tensor, torch.Tensor]], step_sums: torch.Tensor) -> None:
+        """kfac.adaptive_damping: the step's loss against the same batch's loss after the update (one forward).
+
+        The extra forward runs in training mode, as the step's did; the buffers it changes (batch-norm running
+        statistics) are put back.
+        """
+        assert self.pre is not None
+        buffers = [(b, b.clone()) for b in self.model.buffers()]
+        with torch.no_grad(), _autocast(self.cfg, self.device):
+            after = sum(self.criterion(self.wrapped(x), y) * y.numel() for x, y in group)
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        self.pre.adapt_damping(step_sums[0] / step_sums[2], after / step_sums[2])
 
     def _set_lr(self) -> None:
         epoch = self.position.epoch + self.position.step_in_epoch / self.steps_per_epoch
@@ -444,7 +460,7 @@ class Trainer:
         stats = self.comm.stats()
         sent = sum(stats.get(c, {}).get("sent", 0) for c in KFAC_CATEGORIES)
         received = sum(stats.get(c, {}).get("received", 0) for c in KFAC_CATEGORIES)
-        damping = self.pre.options.value("damping", self.pre.steps) if self.pre is not None else None
+        damping = self.pre.damping if self.pre is not None else None
         return {
             "epoch": self.position.epoch + 1,
             "step": self.position.global_step,
