@@ -15,7 +15,12 @@ layer and one all-reduce of four numbers.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import torch
+
+from kfac_dist.comm import Communicator
+from kfac_dist.registry import LayerState
 
 #: The reduction ratio above which the damping shrinks.
 GOOD_RATIO = 0.75
@@ -55,3 +60,70 @@ def next_damping(damping: float, ratio: float, steps: int) -> float:
     elif ratio < POOR_RATIO:
         damping /= omega
     return min(max(damping, MIN_DAMPING), MAX_DAMPING)
+
+
+class DampingAdapter:
+    """Adaptive damping's state: the current damping, the step it last moved, and the last step's probe.
+
+    The probe is taken at ``step()`` on factor steps (the raw gradient matrix and a copy of the parameters of each
+    layer this rank owns factors of) and consumed by :meth:`adapt` after the optimizer's step.
+    """
+
+    def __init__(self, damping: float, device: torch.device) -> None:
+        self.damping = damping
+        self.device = device
+        self.adjusted_at: int | None = None
+        self.probe: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] | None = None
+
+    def take_probe(self, owned: Iterable[LayerState]) -> None:
+        """Keep the raw gradients and parameters of the owned layers that have factors and gradients."""
+        self.probe = {
+            state.name: (state.layer.grad_matrix().clone(), [p.detach().clone() for p in state.layer.parameters()])
+            for state in owned
+            if state.a is not None and state.layer.has_grad()
+        }
+
+    def adapt(
+        self,
+        states: Mapping[str, LayerState],
+        loss_before: float | torch.Tensor,
+        loss_after: float | torch.Tensor,
+        comm: Communicator,
+        step: int,
+    ) -> float:
+        """The new damping from the probe, the parameters now and the two losses (collective); see the module."""
+        assert self.probe is not None
+        probe, self.probe = self.probe, None
+        terms = torch.zeros(5, dtype=torch.float64, device=self.device)
+        for name, (grad, before) in probe.items():
+            state = states[name]
+            assert state.a is not None and state.g is not None
+            delta = _update_matrix(state, before)
+            quadratic, squared, linear = curvature_terms(delta, grad, state.a, state.g, state.layer.a_diagonal)
+            terms[:3] += torch.stack([quadratic, squared, linear]).to(torch.float64)
+        terms[3], terms[4] = (_number(loss_before), _number(loss_after))
+        comm.allreduce(terms, average=False, category="damping").wait()
+        quadratic, squared, linear, before_sum, after_sum = terms.tolist()
+        world = comm.world_size
+        ratio = reduction_ratio(before_sum / world, after_sum / world, quadratic, squared, linear, self.damping)
+        since = step - self.adjusted_at if self.adjusted_at is not None else 1
+        self.damping = next_damping(self.damping, ratio, max(since, 1))
+        self.adjusted_at = step
+        return self.damping
+
+
+def _number(value: float | torch.Tensor) -> float:
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _update_matrix(state: LayerState, before: list[torch.Tensor]) -> torch.Tensor:
+    """The layer's update ``parameters now - before`` as its ``(b, m, n)`` matrix (through its gradient layout)."""
+    params = state.layer.parameters()
+    kept = [p.grad for p in params]
+    for param, old in zip(params, before, strict=True):
+        param.grad = param.detach() - old
+    try:
+        return state.layer.grad_matrix().clone()
+    finally:
+        for param, grad in zip(params, kept, strict=True):
+            param.grad = grad

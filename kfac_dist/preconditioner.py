@@ -13,8 +13,8 @@ from torch import nn
 
 from kfac_dist import curvature
 from kfac_dist.agreement import describe_options, option_differences
-from kfac_dist.comm import Communicator, LocalCommunicator, RendezvousTimeout, TorchDistCommunicator
-from kfac_dist.damping import curvature_terms, next_damping, reduction_ratio
+from kfac_dist.comm import Communicator, LocalCommunicator, TorchDistCommunicator
+from kfac_dist.damping import DampingAdapter
 from kfac_dist.exchange import Exchange, TensorFormat
 from kfac_dist.fisher import LOSS_KINDS, sampled_loss
 from kfac_dist.health import Health
@@ -36,6 +36,7 @@ from kfac_dist.precision import matmul_mode
 from kfac_dist.registry import LayerState, common_dtype, describe_shapes, first_difference, register_layers, unwrap
 from kfac_dist.report import Report
 from kfac_dist.schedule import DecompositionSchedule
+from kfac_dist.state import require_every_rank, restore_decompositions, restore_factors
 from kfac_dist.timing import PhaseTimer
 from kfac_dist.worklist import ShapeGroup, build_groups
 
@@ -148,9 +149,9 @@ class KFACPreconditioner:
         self._force_inverse = False
         self._health = Health()
         self._timer = PhaseTimer(check_flag("profile", profile), tensors.device)
-        self._adapted_damping = self.options.value("damping", 0) if self.options.adaptive_damping else None
-        self._adapted_at: int | None = None
-        self._probe: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] | None = None
+        self._adapter = None
+        if self.options.adaptive_damping:  # from a constant damping (KFACOptions checks)
+            self._adapter = DampingAdapter(self.options.value("damping", 0), tensors.device)
         self._outputs: list[torch.Tensor] = []  # fisher="mc": this micro-batch's module outputs, for backward()
         self._sampling = False
         self._sampled_passes = 0
@@ -267,7 +268,8 @@ class KFACPreconditioner:
                 "KFACPreconditioner.step() found no gradient on any preconditioned layer: "
                 "call loss.backward() before pre.step()"
             )
-        self._probe = None  # an adjustment not made after the last step (e.g. a skipped update) is dropped
+        if self._adapter is not None:
+            self._adapter.probe = None  # an adjustment not made after the last step (e.g. a skipped one) is dropped
         if self._capturing and self.options.fisher == "mc" and self._sampled_passes == 0:
             raise RuntimeError(
                 "fisher='mc' samples the G factors' labels in KFACPreconditioner.backward(loss, outputs): call it "
@@ -276,8 +278,8 @@ class KFACPreconditioner:
         damping = self.damping
         if self._capturing:
             self._update_factors(step)
-            if self.options.adaptive_damping:
-                self._probe = self._take_probe()
+            if self._adapter is not None:
+                self._adapter.take_probe(self._states[name] for name in self._plan.layers_owned_by(self.comm.rank))
         due = self._schedule.names if self._force_inverse else self._schedule.due(step)
         if due:
             self._update_decompositions(damping, due)
@@ -292,22 +294,14 @@ class KFACPreconditioner:
     @property
     def damping(self) -> float:
         """The damping of the current step: ``damping``'s value, or where ``adaptive_damping`` has moved it."""
-        if self._adapted_damping is not None:
-            return self._adapted_damping
+        if self._adapter is not None:
+            return self._adapter.damping
         return self.options.value("damping", self.steps)
 
     @property
     def adaptation_due(self) -> bool:
         """Whether the last ``step()`` expects :meth:`adapt_damping` (``adaptive_damping``, a factor step)."""
-        return self._probe is not None
-
-    def _take_probe(self) -> dict[str, tuple[torch.Tensor, list[torch.Tensor]]]:
-        """The raw gradient matrix and a copy of the parameters of each layer this rank owns factors of."""
-        return {
-            name: (state.layer.grad_matrix().clone(), [p.detach().clone() for p in state.layer.parameters()])
-            for name in self._plan.layers_owned_by(self.comm.rank)
-            if (state := self._states[name]).a is not None and state.layer.has_grad()
-        }
+        return self._adapter is not None and self._adapter.probe is not None
 
     def adapt_damping(self, loss_before: float | torch.Tensor, loss_after: float | torch.Tensor) -> float:
         """Move the damping by the reduction ratio of the last step's update (:mod:`kfac_dist.damping`).
@@ -317,34 +311,9 @@ class KFACPreconditioner:
         gradient). Collective: the ranks' losses are averaged and the curvature terms summed over the layers'
         owners. Returns the new damping.
         """
-        if self._probe is None:
+        if self._adapter is None or self._adapter.probe is None:
             raise RuntimeError("adapt_damping() follows a step() that expects it: check pre.adaptation_due first")
-        probe, self._probe = self._probe, None
-        terms = torch.zeros(5, dtype=torch.float64, device=self._exchange.tensors.device)
-        for name, (grad, before) in probe.items():
-            state = self._states[name]
-            assert state.a is not None and state.g is not None
-            params = state.layer.parameters()
-            kept = [p.grad for p in params]
-            for param, old in zip(params, before, strict=True):
-                param.grad = param.detach() - old
-            delta = state.layer.grad_matrix().clone()
-            for param, grad_tensor in zip(params, kept, strict=True):
-                param.grad = grad_tensor
-            quadratic, squared, linear = curvature_terms(delta, grad, state.a, state.g, state.layer.a_diagonal)
-            terms[:3] += torch.stack([quadratic, squared, linear]).to(torch.float64)
-        terms[3], terms[4] = (
-            float(x.detach()) if isinstance(x, torch.Tensor) else float(x) for x in (loss_before, loss_after)
-        )
-        self.comm.allreduce(terms, average=False, category="damping").wait()
-        quadratic, squared, linear, before_sum, after_sum = terms.tolist()
-        world = self.comm.world_size
-        damping = self.damping
-        ratio = reduction_ratio(before_sum / world, after_sum / world, quadratic, squared, linear, damping)
-        period = self.steps - self._adapted_at if self._adapted_at is not None else 1
-        self._adapted_damping = next_damping(damping, ratio, max(period, 1))
-        self._adapted_at = self.steps
-        return self._adapted_damping
+        return self._adapter.adapt(self._states, loss_before, loss_after, self.comm, self.steps)
 
     def _update_factors(self, step: int) -> None:
         """Reduce this step's batch factors and fold them into the running averages this rank keeps."""
@@ -561,7 +530,7 @@ class KFACPreconditioner:
         Called on some ranks only, it raises `RuntimeError` on them after `timeout` seconds (torch.distributed;
         see :meth:`Communicator.rendezvous`) instead of blocking forever, and the other ranks are not disturbed.
         """
-        self._check_every_rank_calls("state_dict()", timeout)
+        require_every_rank(self.comm, "state_dict()", timeout)
         kept = {name: (s.a, s.g) for name, s in self._states.items() if s.a is not None and s.g is not None}
         factors = self._exchange.gather_factors(kept)
         owned = {name: self._states[name].decomposition for name in self._plan.layers_owned_by(self.comm.rank)}
@@ -571,7 +540,7 @@ class KFACPreconditioner:
             "compute_method": self.options.compute_method,
             "decompositions": self._exchange.gather_decompositions(owned),
             "health": self._health.totals(),
-            "damping": self._adapted_damping,
+            "damping": self._adapter.damping if self._adapter is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any], *, timeout: float = STATE_TIMEOUT_S) -> None:
@@ -583,62 +552,21 @@ class KFACPreconditioner:
         :meth:`state_dict`: every rank loads the same state (a rank that does not call it makes the callers raise
         after `timeout` seconds).
         """
-        self._check_every_rank_calls("load_state_dict()", timeout)
+        require_every_rank(self.comm, "load_state_dict()", timeout)
         factors = state_dict["factors"]
-        unknown = sorted(set(factors) - set(self._states))
-        if unknown:
-            raise ValueError(f"state_dict holds factors of modules this preconditioner does not have: {unknown}")
-        for name, state in self._states.items():
-            entry = factors.get(name)
-            if entry is not None:
-                _check_shape(name, "A", entry["A"], state.shape().a_shape())
-                _check_shape(name, "G", entry["G"], state.shape().g_shape())
-            if entry is None or not self._exchange.keeps_factors(name):
-                state.a = state.g = None
-            else:
-                # On the model's device, whatever device the state was saved or loaded on (map_location="cpu").
-                device = self._exchange.tensors.device
-                state.a = entry["A"].to(device=device, dtype=self._factor_dtype, copy=True)
-                state.g = entry["G"].to(device=device, dtype=self._factor_dtype, copy=True)
+        restore_factors(self._states, factors, self._exchange, self._factor_dtype)
         saved = state_dict.get("decompositions", {}) if state_dict.get("compute_method") == self.method.name else {}
         worked = set(self._plan.layers_worked_by(self.comm.rank))
-        missing = False
-        for name, state in self._states.items():
-            fields = saved.get(name)
-            state.decomposition = None
-            if name in worked and fields is not None:
-                state.decomposition = self._exchange.decomposition_from_fields(name, fields)
-            missing |= name in worked and state.decomposition is None and name in factors
+        missing = restore_decompositions(self._states, saved, worked, self._exchange, set(factors))
         self.steps = int(state_dict["steps"])
         self._health.counters.update(state_dict.get("health", {}))
-        if self.options.adaptive_damping and state_dict.get("damping") is not None:
-            self._adapted_damping = float(state_dict["damping"])
+        if self._adapter is not None and state_dict.get("damping") is not None:
+            self._adapter.damping = float(state_dict["damping"])
         self._capturing = self._is_factor_step(self.steps)
         self._force_inverse = self._any_rank(missing)
-
-    def _check_every_rank_calls(self, what: str, timeout: float) -> None:
-        """Raise on this rank unless every rank calls `what` within `timeout` seconds (no collective runs)."""
-        try:
-            self.comm.rendezvous(f"KFACPreconditioner.{what}", timeout)
-        except RendezvousTimeout as error:
-            advice = (
-                "save on one: `state = pre.state_dict(); if rank == 0: torch.save(state, path)`"
-                if what == "state_dict()"
-                else "pass it the same state everywhere"
-            )
-            raise RuntimeError(
-                f"KFACPreconditioner.{what} is collective and must be called on every rank, as each layer's "
-                f"factors live on the rank that owns it, but {error.detail}. Call it on every rank and {advice}"
-            ) from error
 
 
 def _squeeze(factor: torch.Tensor | None) -> torch.Tensor:
     """Drop the block dimension of a single-block factor."""
     assert factor is not None
     return factor[0] if factor.shape[0] == 1 else factor
-
-
-def _check_shape(name: str, which: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
-    """Refuse a loaded factor whose shape does not fit the module."""
-    if tuple(tensor.shape) != expected:
-        raise ValueError(f"state_dict factor {which} of {name} has shape {tuple(tensor.shape)}, expected {expected}")

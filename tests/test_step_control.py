@@ -128,3 +128,19 @@ def test_the_training_app_adapts_the_damping_and_samples_the_fisher(tmp_path: Pa
     with (tmp_path / "metrics.csv").open() as rows:
         damping = [float(row["damping"]) for row in csv.DictReader(rows)]
     assert damping and damping[-1] != 1.0  # moved from the start value by the reduction ratios
+
+
+def test_the_adapted_damping_is_saved_and_restored() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    pre = KFACPreconditioner(model, adaptive_damping=True, damping=0.5)
+    loss = nn.functional.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 2, (8,)))
+    loss.backward()
+    pre.step()
+    moved = pre.adapt_damping(loss, loss + 1.0)  # the loss went up: more damping
+    assert moved == pytest.approx(0.5 / DECAY_PER_STEP) and pre.damping == moved and not pre.adaptation_due
+    restored = KFACPreconditioner(model, adaptive_damping=True, damping=0.5)
+    restored.load_state_dict(pre.state_dict())
+    assert restored.damping == moved
+    with pytest.raises(RuntimeError, match="check pre.adaptation_due first"):
+        restored.adapt_damping(1.0, 1.0)
