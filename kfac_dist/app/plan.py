@@ -86,7 +86,8 @@ def _add_option_flag(parser: argparse.ArgumentParser, item: dataclasses.Field[An
     """A flag for one :class:`KFACOptions` field, from its type, range, choices, doc and default."""
     meta, flag = item.metadata, "--" + item.name.replace("_", "-")
     allowed, choices = meta["range"], meta["choices"]
-    help_text = f"{meta['doc']} (default: the config's, else {item.default!r})"
+    doc = meta["doc"].replace("%", "%%")  # argparse formats help strings with %
+    help_text = f"{doc} (default: the config's, else {item.default!r})"
     if isinstance(item.default, bool):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
     elif isinstance(item.default, tuple):
