@@ -214,6 +214,7 @@ def test_kaisa_that_does_not_import_is_a_clear_error(monkeypatch: pytest.MonkeyP
         (["--device", "cuda", "--models", "mlp"], True, "--models: only with --device cpu"),
         (["--device", "cuda", "--compare-kaisa"], True, "--compare-kaisa: cannot import KAISA"),
         (["--compare-kaisa", "--dtype", "bf16"], False, "--dtype, --compare-kaisa: only with --device cuda"),
+        (["--precisions", "tf32"], False, "--precisions: only with --device cuda"),
     ],
 )
 def test_command_line_errors_name_the_option(
@@ -226,3 +227,21 @@ def test_command_line_errors_name_the_option(
     text = str(exit_info.value.code)
     assert text.startswith("kfac-dist bench overhead: error: ") and message in text and "\n" not in text
     assert not list(tmp_path.iterdir())
+
+
+def test_precision_arms_run_beside_the_exact_one_and_are_labelled() -> None:
+    settings = dataclasses.replace(
+        tiny_settings(), methods=["eigen"], precisions=["highest", "bf16"], dtypes=["fp32"], rounds=1
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = run_device(settings, log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    arms = results["results"][0]["arms"]
+    assert list(arms) == ["SGD", "kfac-dist eigen", "kfac-dist eigen bf16"]
+    assert arms["kfac-dist eigen"]["precision"] == "highest" and arms["kfac-dist eigen bf16"]["precision"] == "bf16"
+    assert all(math.isfinite(ms) for arm in arms.values() for ms in arm["step_ms"])
+    text = "\n".join(overhead_device_report.phases_table(results))
+    assert "| eigen |" in text and "| eigen bf16 |" in text

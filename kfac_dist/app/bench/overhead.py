@@ -35,6 +35,7 @@ from kfac_dist.app.bench.overhead_runs import (
 )
 from kfac_dist.methods import COMPUTE_METHODS
 from kfac_dist.options import KFACOptions
+from kfac_dist.precision import PRECISIONS
 
 __all__ = ["FULL", "FULL_ROUNDS", "Settings", "add_arguments", "operator_counts", "run", "run_benchmark"]
 
@@ -212,6 +213,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     device.add_argument("--batch-sizes", nargs="+", type=positive_int, help=help_batch)
     help_dtype = "cuda: fp32, and bf16 autocast around forward + loss (default both)"
     device.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), help=help_dtype)
+    help_precisions = "cuda: kfac-dist arms per K-FAC precision (highest, tf32, bf16; default highest)"
+    device.add_argument("--precisions", nargs="+", choices=PRECISIONS, help=help_precisions)
     help_kaisa = "cuda: KAISA arms beside (needs kfac-pytorch's `kfac` importable, e.g. on PYTHONPATH)"
     device.add_argument("--compare-kaisa", action="store_true", help=help_kaisa)
     help_models = f"cpu: models to run (default {' '.join(MODELS)})"
@@ -277,6 +280,7 @@ def device_settings(args: argparse.Namespace) -> DeviceSettings:
         batch_sizes=list(args.batch_sizes or BATCH_SIZES),
         dtypes=list(args.dtype or DTYPES),
         methods=list(args.methods),
+        precisions=list(args.precisions or ["highest"]),
         freqs=list(args.freqs or DEVICE_FREQS),
         rounds=args.rounds or DEVICE_ROUNDS[1 if args.full else 0],
         min_block_steps=args.min_block_steps,
@@ -309,7 +313,12 @@ def run(args: argparse.Namespace, log: Log) -> tuple[dict[str, Any], dict[str, A
         title = f"{device.model.builder} {device.model.kwargs}, input {list(device.model.input_shape)}"
         results["operators"] = operator_counts({title: device.count_model}, device.methods, log)
         return results, device.jsonable()
-    cuda_only = {"--batch-sizes": args.batch_sizes, "--dtype": args.dtype, "--compare-kaisa": args.compare_kaisa}
+    cuda_only = {
+        "--batch-sizes": args.batch_sizes,
+        "--dtype": args.dtype,
+        "--precisions": args.precisions,
+        "--compare-kaisa": args.compare_kaisa,
+    }
     if any(cuda_only.values()):
         given = ", ".join(flag for flag, value in cuda_only.items() if value)
         raise _error(f"{given}: only with --device cuda (the CPU protocol runs --models at their own batch, in fp32)")

@@ -23,7 +23,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -73,6 +73,7 @@ class DeviceSettings:
     batch_sizes: list[int] = field(default_factory=lambda: list(BATCH_SIZES))
     dtypes: list[str] = field(default_factory=lambda: list(DTYPES))
     methods: list[str] = field(default_factory=lambda: list(COMPUTE_METHODS))
+    precisions: list[str] = field(default_factory=lambda: ["highest"])
     freqs: list[tuple[int, int]] = field(default_factory=lambda: list(FREQS))
     rounds: int = 3
     min_block_steps: int = 20
@@ -95,8 +96,17 @@ class DeviceArm:
     preconditioner on the arm's model instead (``kind`` is ``"sgd"``, ``"kfac-dist"`` or ``"kaisa"``).
     """
 
-    def __init__(self, arm: Arm, kind: str, method: str | None, dtype: torch.dtype | None, kaisa: Any = None) -> None:
+    def __init__(
+        self,
+        arm: Arm,
+        kind: str,
+        method: str | None,
+        dtype: torch.dtype | None,
+        kaisa: Any = None,
+        precision: str = "highest",
+    ) -> None:
         self.arm, self.kind, self.method, self.dtype, self.kaisa = arm, kind, method, dtype, kaisa
+        self.precision = precision
         self.device_type = next(arm.model.parameters()).device.type
 
     @property
@@ -173,8 +183,10 @@ def build_arms(settings: DeviceSettings, batch: int, dtype: str, freq: tuple[int
         for method in settings.methods
     }
     for method, kfac in options.items():
-        arm = Arm(f"kfac-dist {method}", copy.deepcopy(initial), batches, kfac, settings.lr)
-        arms.append(DeviceArm(arm, KFAC_DIST, method, autocast))
+        for precision in settings.precisions:  # "kfac-dist eigen" is the exact one, "kfac-dist eigen tf32" others
+            name = f"kfac-dist {method}" + ("" if precision == "highest" else f" {precision}")
+            arm = Arm(name, copy.deepcopy(initial), batches, replace(kfac, precision=precision), settings.lr)
+            arms.append(DeviceArm(arm, KFAC_DIST, method, autocast, precision=precision))
     if settings.compare_kaisa:
         for method, kfac in ((m, o) for m, o in options.items() if m in KAISA_METHODS):
             arm = Arm(f"KAISA {method}", copy.deepcopy(initial), batches, None, settings.lr)
@@ -219,6 +231,7 @@ def _arm_result(arm: DeviceArm, blocks: list[Block], profiled: list[Block], sgd:
     result: dict[str, Any] = {
         "kind": arm.kind,
         "method": arm.method,
+        "precision": arm.precision,
         "step_ms": step_ms,
         "median_ms": statistics.median(step_ms),
         "ratio": statistics.median(step_ms) / statistics.median(sgd),

@@ -24,6 +24,12 @@ def _ms(value: float) -> str:
     return f"{value:.3g}" if value < 10 else f"{value:.1f}"
 
 
+def label(arm: dict[str, Any]) -> str:
+    """A kfac-dist arm's compute method, with its precision unless it is the exact one."""
+    precision = arm.get("precision", "highest")
+    return str(arm["method"]) + ("" if precision == "highest" else f" {precision}")
+
+
 def _config(entry: dict[str, Any]) -> list[str]:
     return [str(entry["batch"]), entry["dtype"], f"({entry['freq'][0]}, {entry['freq'][1]})"]
 
@@ -40,7 +46,7 @@ def headline(results: dict[str, Any]) -> list[str]:
                 continue
             verdict = "meets" if arm["ratio"] <= target else "misses"
             line = (
-                f"- batch {entry['batch']}, {entry['dtype']}, (10, 100), {arm['method']}: {arm['median_ms']:.1f} ms vs "
+                f"- batch {entry['batch']}, {entry['dtype']}, (10, 100), {label(arm)}: {arm['median_ms']:.1f} ms vs "
                 f"SGD {sgd:.1f} ms per step = **{arm['ratio']:.2f}x** ({verdict} the {target:g}x target)"
             )
             speedup = entry["kaisa_over_kfac_dist"].get(arm["method"])
@@ -80,7 +86,7 @@ def phases_table(results: dict[str, Any]) -> list[str]:
                 prof = arm["profiled"]
                 check = f"{prof['coverage']:.2f}" + ("" if prof["within_tolerance"] else " (!)")
                 phases = [_ms(prof["phases_ms"][p]) for p in PHASES]
-                body.append([*_config(entry), arm["method"], *phases, _ms(prof["step_ms"]), check])
+                body.append([*_config(entry), label(arm), *phases, _ms(prof["step_ms"]), check])
     return md_table([*head, "named / step"], body)
 
 
@@ -104,7 +110,7 @@ def spread_table(results: dict[str, Any]) -> list[str]:
                 continue
             decomposition = arm["profiled"]["phases_ms"]["decomposition"]
             spread = [f"{arm['ratio'] - (1 - 1 / w) * decomposition / sgd:.2f}x" for w in SPREAD_WORLDS]
-            body.append([*_config(entry), arm["method"], f"{arm['ratio']:.2f}x", _ms(decomposition), *spread])
+            body.append([*_config(entry), label(arm), f"{arm['ratio']:.2f}x", _ms(decomposition), *spread])
     return md_table(head, body)
 
 
