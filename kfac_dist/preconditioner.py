@@ -155,6 +155,7 @@ class KFACPreconditioner:
         self._outputs: list[torch.Tensor] = []  # fisher="mc": this micro-batch's module outputs, for backward()
         self._sampling = False
         self._sampled_passes = 0
+        self._kl_clip_scale: torch.Tensor | None = None
         self._handles = [self.model.register_forward_pre_hook(self._count_forward_pass)]
         self._handles += [
             state.layer.module.register_forward_hook(partial(self._capture_input, state))
@@ -434,6 +435,7 @@ class KFACPreconditioner:
             checked = curvature.kl_inner([m for m, _ in pairs], [r for _, r in pairs])
             lr = check_value("lr", self.lr(step), range_of("lr"), step) if callable(self.lr) else float(self.lr)
             scale = curvature.kl_clip_scale(checked, lr, self.options.value("kl_clip", step))
+            self._kl_clip_scale = scale
         else:
             checked = torch.stack([m.sum(dtype=torch.float64) for m, _ in pairs]).sum()
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -461,6 +463,15 @@ class KFACPreconditioner:
         return any(text == "1" for text in self.comm.gather_strings("1" if flag else "0"))
 
     # ----------------------------------------------------------------------------------------------- inspection
+    @property
+    def kl_clip_scale(self) -> torch.Tensor | None:
+        """The last preconditioned step's KL-clip factor ``min(1, sqrt(kl_clip / (lr^2 |v^T g|)))``, a 0-d tensor.
+
+        Below 1 where the clip bound that step (its gradients were scaled by it); ``None`` before the first clipped
+        step or without ``kl_clip``. Kept on the device: reading it is the caller's host synchronisation.
+        """
+        return self._kl_clip_scale
+
     def phase_times(self) -> dict[str, float]:
         """Seconds spent per K-FAC phase since construction or :meth:`reset_phase_times` (needs ``profile=True``)."""
         return dict(self._timer.seconds)

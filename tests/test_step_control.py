@@ -144,3 +144,29 @@ def test_the_adapted_damping_is_saved_and_restored() -> None:
     assert restored.damping == moved
     with pytest.raises(RuntimeError, match="check pre.adaptation_due first"):
         restored.adapt_damping(1.0, 1.0)
+
+
+def clipped_step(kl_clip: float | None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """One K-FAC step of a float64 MLP: the recorded KL-clip scale, the written gradient and the unclipped one."""
+    grads = []
+    for clip in (kl_clip, None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).to(DTYPE)
+        pre = KFACPreconditioner(model, lr=0.5, damping=0.1, kl_clip=clip)
+        nn.functional.cross_entropy(model(torch.randn(16, 4, dtype=DTYPE)), torch.randint(0, 2, (16,))).backward()
+        pre.step()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        if clip == kl_clip:
+            scale = pre.kl_clip_scale
+    return scale, grads[0], grads[1]
+
+
+def test_the_kl_clip_scale_is_what_scaled_the_step() -> None:
+    """pre.kl_clip_scale: below 1 where the bound binds (the written gradient is the unclipped one times it)."""
+    scale, written, unclipped = clipped_step(1e-6)
+    assert scale is not None and 0 < float(scale) < 1
+    torch.testing.assert_close(written, unclipped * scale)
+    scale, written, unclipped = clipped_step(1e6)
+    assert scale is not None and float(scale) == 1.0
+    torch.testing.assert_close(written, unclipped)
+    assert clipped_step(None)[0] is None
