@@ -12,9 +12,13 @@ log is that loss:
 
 - ``"cross_entropy"`` (``F.cross_entropy`` of logits, classes along dim 1): labels ~ Categorical(softmax);
 - ``"binary_cross_entropy"`` (``F.binary_cross_entropy_with_logits``): targets ~ Bernoulli(sigmoid);
-- ``"mse"`` (``F.mse_loss``): targets ~ N(f, s^2 I) with ``s^2 = D / 2``, where D is the number of output elements
-  the loss averages over per example (``reduction="mean"``; 1 for ``"sum"``), so that the Fisher equals the
-  loss's Hessian in f.
+- ``"mse"`` (``F.mse_loss``): targets ~ N(f, s^2 I) with ``s^2 = D / 2``.
+
+D is the number of loss terms the ``reduction="mean"`` loss averages over per example (output elements; for the
+cross-entropy, positions: elements over classes; 1 for ``"sum"``). Averaging over D terms scales the loss's Hessian
+in f by ``1 / D`` but the outer product of its sampled gradients by ``1 / D^2``; so the cross-entropies' sampled
+loss is multiplied by ``sqrt(D)`` and the Gaussian's variance is ``D / 2``: in expectation G is the generalised
+Gauss-Newton of the user's loss, as curvlinops' ``KFACLinearOperator(fisher_type="mc")`` defines it.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ def sampled_loss(
             noise = torch.randn(detached.shape, generator=generator, device=detached.device)
             targets = (detached + noise * (per_example / 2) ** 0.5).to(outputs.dtype)
     if kind == "cross_entropy":
-        return F.cross_entropy(outputs, labels, reduction=reduction)
+        terms = detached[0].numel() // detached.shape[1] if reduction == "mean" and detached.dim() > 1 else 1
+        return F.cross_entropy(outputs, labels, reduction=reduction) * terms**0.5
     if kind == "binary_cross_entropy":
-        return F.binary_cross_entropy_with_logits(outputs, targets, reduction=reduction)
+        terms = detached[0].numel() if reduction == "mean" and detached.dim() > 1 else 1
+        return F.binary_cross_entropy_with_logits(outputs, targets, reduction=reduction) * terms**0.5
     return F.mse_loss(outputs, targets, reduction=reduction)
