@@ -33,7 +33,8 @@ TINY_GRIDS: dict[str, list[dict[str, float]]] = {
 
 @pytest.fixture(scope="module")
 def tiny_results() -> dict[str, Any]:
-    settings = Settings(tasks=[TINY_MNIST], grids=TINY_GRIDS, seeds=[0, 1], tuning_seeds=[100], warmup_steps=2)
+    grids = {"mnist5k_cnn": TINY_GRIDS}
+    settings = Settings(tasks=[TINY_MNIST], grids=grids, seeds=[0, 1], tuning_seeds=[100], warmup_steps=2)
     return run_benchmark(settings, log=lambda line: None)
 
 
@@ -259,6 +260,7 @@ def test_cli_quick_run_writes_all_outputs(tmp_path: Path) -> None:
 
 
 def test_cli_rejects_a_method_without_a_grid() -> None:
-    settings = Settings(tasks=[TINY_MNIST], grids={"sgd": [{"lr": 0.1}]}, seeds=[0], tuning_seeds=[1], methods=["adam"])
-    with pytest.raises(ValueError, match="methods without a grid: adam"):
+    grids = {"mnist5k_cnn": {"sgd": [{"lr": 0.1}]}}
+    settings = Settings(tasks=[TINY_MNIST], grids=grids, seeds=[0], tuning_seeds=[1], methods=["adam"])
+    with pytest.raises(ValueError, match="mnist5k_cnn: methods without a grid: adam"):
         run_benchmark(settings, log=lambda line: None)

@@ -33,6 +33,8 @@ def n_params(model: nn.Module) -> int:
         ("small_cnn", {}, 18_378),
         # 784*128 + 128 + 128*64 + 64 + 64*10 + 10.
         ("mlp", {}, 109_386),
+        # 784-256-128-32-128-256-784: 200,960 + 32,896 + 4,128 + 4,224 + 33,024 + 201,488.
+        ("autoencoder", {}, 476_720),
     ],
 )
 def test_parameter_counts(name, kwargs, expected):
@@ -91,6 +93,8 @@ def test_meta_device_build(name):
         ("small_cnn", {}, (2, 1, 28, 28), 10),
         ("mlp", {}, (3, 1, 28, 28), 10),
         ("mlp", {"in_features": 12, "hidden": (5,), "num_classes": 4}, (3, 12), 4),
+        ("autoencoder", {}, (3, 1, 28, 28), 784),
+        ("autoencoder", {"in_features": 12, "hidden": (6, 2)}, (2, 3, 4), 12),
         ("resnet18", {"width_multiplier": 0.125, "num_classes": 7}, (2, 3, 32, 32), 7),
         ("resnet50", {"width_multiplier": 0.125, "num_classes": 5}, (2, 3, 64, 64), 5),
         ("cifar_resnet20", {}, (2, 3, 32, 32), 10),
@@ -120,6 +124,23 @@ def test_width_multiplier_scales_every_stage():
     assert model.fc.in_features == 64
 
 
+@pytest.mark.parametrize("hidden", [(256, 128, 32), (7, 3), (5,)])
+def test_autoencoder_layout_is_mirrored_with_a_linear_code(hidden):
+    model = build_model("autoencoder", in_features=20, hidden=hidden)
+    modules = list(model.children())
+    linears = [m for m in modules if isinstance(m, nn.Linear)]
+    widths = [20, *hidden, *reversed(hidden[:-1]), 20]
+    assert isinstance(modules[0], nn.Flatten)
+    assert [(m.in_features, m.out_features) for m in linears] == list(zip(widths[:-1], widths[1:], strict=True))
+    assert sum(isinstance(m, nn.Tanh) for m in modules) == len(linears) - 2
+    code = model.get_submodule(f"fc{len(hidden)}")
+    assert code.out_features == hidden[-1]
+    after_code = modules[modules.index(code) + 1]
+    assert isinstance(after_code, nn.Linear)  # the code is linear: the decoder's first layer follows directly
+    assert isinstance(modules[-1], nn.Linear)  # logits
+    assert n_params(model) == sum((d_in + 1) * d_out for d_in, d_out in zip(widths[:-1], widths[1:], strict=True))
+
+
 def test_cifar_option_a_shortcut_is_parameter_free_and_downsamples():
     model = build_model("cifar_resnet20")
     assert not any("downsample" in name or "shortcut" in name for name, _ in model.named_parameters())
@@ -144,6 +165,9 @@ def test_backward_through_inplace_relu_models():
         ("resnet50", {"width_multiplier": 0.0}, "width_multiplier"),
         ("cifar_resnet20", {"depth": 21}, "depth"),
         ("mlp", {"hidden": (0,)}, "positive"),
+        ("autoencoder", {"hidden": (256, -3, 32)}, r"positive.*\[784, 256, -3, 32\]"),
+        ("autoencoder", {"in_features": 0}, r"\[0, 256, 128, 32\]"),
+        ("autoencoder", {"hidden": ()}, "non-empty"),
     ],
 )
 def test_bad_arguments_are_rejected_with_a_named_message(name, kwargs, match):

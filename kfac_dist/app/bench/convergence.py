@@ -7,15 +7,25 @@ then measured on the same seeds. Protocol: docs/BENCHMARKS.md section 2.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from kfac_dist.app.bench.common import Log, positive_int
-from kfac_dist.app.bench.convergence_methods import FIRST_ORDER, FULL_GRIDS, QUICK_GRIDS, Hyper, KFACSettings
+from kfac_dist.app.bench.convergence_methods import (
+    FIRST_ORDER,
+    FULL_GRIDS,
+    METHODS,
+    QUICK_GRIDS,
+    Grids,
+    Hyper,
+    KFACSettings,
+)
 from kfac_dist.app.bench.convergence_runs import TASKS, RunRecord, Task, finite_or_none, load_task_data, train_run
 from kfac_dist.app.data.mnist import Split
 
@@ -29,16 +39,17 @@ UNITS = ("steps", "seconds")
 class Settings:
     """Everything a benchmark run depends on (stored in the JSON).
 
-    ``tasks``: each at one batch size (:meth:`Task.at`). ``methods``: the names run, first-order ones included.
+    ``tasks``: each at one batch size (:meth:`Task.at`). ``grids``: per task name, each method's grid.
+    ``methods``: the names run, first-order ones included.
     Tuning with one seed stops a grid point once it has run as many steps as the best point so far needed (it can
     no longer beat it); with more tuning seeds every point runs until its targets or its budget.
     """
 
     tasks: list[Task]
-    grids: dict[str, list[Hyper]]
+    grids: dict[str, Grids]
     seeds: list[int]
     tuning_seeds: list[int]
-    methods: list[str] = field(default_factory=lambda: list(FULL_GRIDS))
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
     kfac: KFACSettings = KFACSettings()
     warmup_steps: int = 20
     threads: int = 1
@@ -139,7 +150,7 @@ def tune(
     for seed in settings.tuning_seeds:
         for method in settings.methods:
             needed = task.max_steps
-            for hyper in settings.grids[method]:
+            for hyper in settings.grids[task.name][method]:
                 r = train_run(task, data, method, hyper, seed, settings.kfac, phase="tuning", stop_at_targets=True,
                               max_steps=needed)  # fmt: skip
                 runs.append(r)
@@ -151,7 +162,7 @@ def tune(
     for method in settings.methods:
         scored = [
             (tuning_score([r for r in runs if r.method == method and r.hyper == h], task.targets), h)
-            for h in settings.grids[method]
+            for h in settings.grids[task.name][method]
         ]
         best[method] = min(scored, key=lambda item: item[0])[1]
         scores[method] = [
@@ -187,9 +198,10 @@ def measure(
 
 def run_benchmark(settings: Settings, log: Log = print) -> dict[str, Any]:
     """Tune, then measure, every case with one thread; return the results (JSON-ready, without ``meta``)."""
-    unknown = sorted(set(settings.methods) - set(settings.grids))
-    if unknown:
-        raise ValueError(f"methods without a grid: {', '.join(unknown)}")
+    for task in settings.tasks:
+        unknown = sorted(set(settings.methods) - set(settings.grids.get(task.name, {})))
+        if unknown:
+            raise ValueError(f"{task.name}: methods without a grid: {', '.join(unknown)}")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     results: dict[str, Any] = {"tasks": {}, "runs": []}
@@ -199,13 +211,14 @@ def run_benchmark(settings: Settings, log: Log = print) -> dict[str, Any]:
             data = loaded.setdefault(task.data, load_task_data(task))
             warmup = max(3, settings.warmup_steps * 64 // task.batch_size)  # as many examples as 20 steps of 64
             for method in settings.methods:  # untimed warm-up, discarded: the first call of every kernel is slow
-                train_run(task, data, method, settings.grids[method][0], 0, settings.kfac, phase="warmup",
+                train_run(task, data, method, settings.grids[task.name][method][0], 0, settings.kfac, phase="warmup",
                           stop_at_targets=False, max_steps=warmup)  # fmt: skip
             tuning, best, scores = tune(task, data, settings, log)
             measured = measure(task, data, best, settings, log)
             summary = summarize(measured, best, task.targets)
             for method in settings.methods:
-                summary["methods"][method]["grid_edges"] = grid_edges(best[method], settings.grids[method])
+                grid = settings.grids[task.name][method]
+                summary["methods"][method]["grid_edges"] = grid_edges(best[method], grid)
             summary.update(
                 grid=scores, task=task.to_json(), sizes={"train": len(data[0].labels), "test": len(data[1].labels)}
             )
@@ -252,9 +265,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-sizes", nargs="+", type=positive_int, help="batch sizes for every task (default: the first of each "
         "task's sweep; --full: the whole sweep)",
     )  # fmt: skip
+    parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS), help="methods to run")
     parser.add_argument(
-        "--methods", nargs="+", choices=tuple(FULL_GRIDS), default=list(FULL_GRIDS), help="methods to run"
-    )
+        "--merge", nargs="+", type=Path, metavar="JSON",
+        help="instead of running, combine earlier runs' results (their --out .json, distinct cases) into one report",
+    )  # fmt: skip
     parser.add_argument("--seeds", type=positive_int, help="measured seeds 0..N-1 (default 2; --full 5)")
     parser.add_argument("--tuning-seeds", type=positive_int, help="tuning seeds 100..99+N (default 1)")
     parser.add_argument("--max-steps", type=positive_int, help="override every task's step budget")
@@ -269,7 +284,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def merge(paths: list[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The results of several runs (their ``--out`` JSON files) as one: their cases, runs and, in ``parts``, metas.
+
+    Raises:
+        ValueError: naming the file, if one is not a convergence result or repeats a case of an earlier one.
+    """
+    results: dict[str, Any] = {"tasks": {}, "runs": [], "parts": []}
+    for path in paths:
+        try:
+            part = json.loads(Path(path).read_text())
+            tasks, runs, meta = part["tasks"], part["runs"], part["meta"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"--merge {path}: not a convergence benchmark result ({error})") from error
+        repeated = sorted(set(tasks) & set(results["tasks"]))
+        if repeated:
+            raise ValueError(f"--merge {path}: case {', '.join(repeated)} is already in an earlier file")
+        results["tasks"].update(tasks)
+        results["runs"] += runs
+        results["parts"].append(meta | {"file": str(path)})
+    settings = results["parts"][0].get("settings", {}) | {"merged": [str(p) for p in paths]}
+    return results, settings
+
+
 def run(args: argparse.Namespace, log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the benchmark of parsed options; the results and the settings."""
+    """Run the benchmark of parsed options (or merge earlier runs' results); the results and the settings."""
+    if args.merge:
+        return merge(args.merge)
     settings = settings_from_args(args)
     return run_benchmark(settings, log), asdict(settings) | {"tasks": [t.to_json() for t in settings.tasks]}

@@ -141,7 +141,7 @@ def _case_section(name: str, summary: dict[str, Any], seeds: int) -> list[str]:
     lines += ["", "Tuning (median steps to every target over the tuning seeds; - : not reached or stopped):", ""]
     for method, points in summary["grid"].items():
         scored = [f"{_hyper(p['hyper'])}: {_num(p['median_steps_to_all'], '.0f', '-')}" for p in points]
-        lines.append(f"- {_title(method)}: " + "; ".join(scored))
+        lines.append(f"- {_title(method)}, grid {_grid([p['hyper'] for p in points])}: " + "; ".join(scored))
     return lines + [""]
 
 
@@ -150,21 +150,16 @@ def markdown(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     settings = meta.get("settings", {})
     kfac = settings.get("kfac", {})
-    grids = settings.get("grids", {})
-    methods = settings.get("methods", list(METHODS))
-    lines = [
-        "# Convergence benchmark: K-FAC's variants vs tuned SGD-momentum and Adam",
-        "",
-        f"- Date: {meta.get('date', '?')}; machine: {meta.get('machine', '?')}; {meta.get('threads', 1)} thread per "
-        f"process; torch {meta.get('torch', '?')}; benchmark wall time {meta.get('wall_seconds', 0) / 60:.1f} min; "
-        f"load average (1/5/15 min) before / after: {load_text(meta.get('load_average_before_after', [])) or '?'}.",
-        f"- Command: `{meta.get('command', '?')}`",
-        f"- Tuning seeds {settings.get('tuning_seeds')}, measured seeds {settings.get('seeds')} (methods interleaved "
+    lines = ["# Convergence benchmark: K-FAC's variants vs tuned SGD-momentum and Adam", ""]
+    for part in results.get("parts", [meta]):
+        lines.append(_run_line(part))
+    lines += [
+        f"- Tuning seeds {settings.get('tuning_seeds')}, measured seeds per case below (methods interleaved "
         "per seed, order rotating; a measured run ends once it has reached every target). K-FAC: SGD momentum 0.9 "
         f"+ {kfac.get('compute_method')}, factors every {kfac.get('factor_update_steps')} steps, decompositions "
         f"every {kfac.get('inv_update_steps') or 'case-dependent'} steps, kl_clip {kfac.get('kl_clip')}, "
         f"fisher {kfac.get('fisher')}, factor_decay 0.95; each variant changes one option. Adam betas (0.9, 0.999).",
-        "- Grids: " + "; ".join(f"{_title(m)}: {_grid(grids.get(m, []))}" for m in methods) + ".",
+        "- Each method's grid: per case below (K-FAC: lr x damping in the task's factor scale).",
         "",
         "## The issue's targets: each K-FAC method against the best tuned first-order method",
         "",
@@ -175,10 +170,20 @@ def markdown(results: dict[str, Any]) -> str:
         *_kl_table(results),
         "",
     ]
-    seeds = len(settings.get("seeds", []))
     for name, summary in results["tasks"].items():
+        seeds = len({r["seed"] for r in results["runs"] if r["task"] == name and r["phase"] == "measure"})
         lines += _case_section(name, summary, seeds)
     return "\n".join(lines)
+
+
+def _run_line(meta: dict[str, Any]) -> str:
+    """One benchmark run's date, machine, load, wall time and command."""
+    return (
+        f"- Run `{meta.get('command', '?')}`: {meta.get('date', '?')}; {meta.get('machine', '?')}; "
+        f"{meta.get('threads', 1)} thread per process; torch {meta.get('torch', '?')}; wall time "
+        f"{meta.get('wall_seconds', 0) / 60:.1f} min; load average (1/5/15 min) before / after: "
+        f"{load_text(meta.get('load_average_before_after', [])) or '?'}."
+    )
 
 
 def median_curves(runs: list[dict[str, Any]]) -> dict[str, np.ndarray]:

@@ -13,13 +13,14 @@ from torch import nn
 
 from kfac_dist.app.models.cifar_resnet import CifarResNet, cifar_resnet20, cifar_resnet32, cifar_resnet56
 from kfac_dist.app.models.resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
-from kfac_dist.app.models.small import mlp, small_cnn
+from kfac_dist.app.models.small import autoencoder, mlp, small_cnn
 
 __all__ = ["MODEL_NAMES", "CifarResNet", "ResNet", "build_model"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": small_cnn,
     "mlp": mlp,
+    "autoencoder": autoencoder,
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,
@@ -40,7 +41,7 @@ def build_model(name: str, **kwargs: object) -> nn.Module:
     Args:
         name: One of :data:`MODEL_NAMES`.
         **kwargs: Passed to the model's constructor (e.g. ``num_classes``; ``width_multiplier`` for ImageNet
-            ResNets; ``hidden`` for ``mlp``).
+            ResNets; ``hidden`` for ``mlp`` and ``autoencoder``).
 
     Returns:
         The model, on the current default device and dtype.

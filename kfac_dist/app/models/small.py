@@ -1,4 +1,4 @@
-"""Small models for MNIST-sized inputs (28x28, 1 channel): a CNN and an MLP."""
+"""Small models for MNIST-sized inputs (28x28, 1 channel): a CNN, an MLP and a deep autoencoder."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-__all__ = ["mlp", "small_cnn"]
+__all__ = ["autoencoder", "mlp", "small_cnn"]
 
 
 def small_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
@@ -63,4 +63,37 @@ def mlp(
         model.add_module(f"fc{i}", nn.Linear(d_in, d_out))
         model.add_module(f"relu{i}", nn.ReLU(inplace=True))
     model.add_module(f"fc{len(widths)}", nn.Linear(widths[-1], num_classes))
+    return model
+
+
+def autoencoder(in_features: int = 28 * 28, hidden: Sequence[int] = (256, 128, 32)) -> nn.Sequential:
+    """A deep tanh autoencoder, the classic K-FAC benchmark (Hinton & Salakhutdinov; Martens & Grosse) scaled down.
+
+    Layout with the defaults: flatten -> 784-256-128-32 encoder -> 32-128-256-784 mirrored decoder; Tanh follows
+    every linear layer except the code layer (the last encoder layer, a linear code) and the output layer. The
+    outputs are logits: train with ``F.binary_cross_entropy_with_logits(model(x), x.flatten(1))`` on pixel
+    intensities in [0, 1]. 476,720 parameters with the defaults (6 linear layers, largest K-FAC factor side 785).
+
+    Args:
+        in_features: Number of input features after flattening (784 for MNIST); also the output width.
+        hidden: Widths of the encoder layers, in order; the last is the code width.
+
+    Returns:
+        The model; module names are ``flatten``, ``fc1``, ``act1``, ..., ``fc{2*len(hidden)}`` (no ``act`` after
+        the code layer ``fc{len(hidden)}`` or the output layer).
+
+    Raises:
+        ValueError: If ``hidden`` is empty or a width is not positive.
+    """
+    encoder = [in_features, *hidden]
+    if not hidden or any(w <= 0 for w in encoder):
+        raise ValueError(f"autoencoder: in_features and hidden must be positive and hidden non-empty, got {encoder}")
+    widths = [*encoder, *reversed(encoder[:-1])]
+    code_layer = len(hidden)
+    model = nn.Sequential()
+    model.add_module("flatten", nn.Flatten())
+    for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:], strict=True), start=1):
+        model.add_module(f"fc{i}", nn.Linear(d_in, d_out))
+        if i not in (code_layer, len(widths) - 1):
+            model.add_module(f"act{i}", nn.Tanh())
     return model
