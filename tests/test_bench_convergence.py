@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kfac_dist.app.bench import convergence_report
-from kfac_dist.app.bench.convergence import Settings, best_first_order, run_benchmark, summarize, tuning_score
+from kfac_dist.app.bench.convergence import Settings, best_first_order, merge, run_benchmark, summarize, tuning_score
 from kfac_dist.app.bench.convergence_methods import FIRST_ORDER, KFAC_METHODS, METHODS
 from kfac_dist.app.bench.convergence_runs import TASKS, RunRecord, batch_order, evaluate, load_task_data
 from kfac_dist.app.cli import main
@@ -95,6 +95,11 @@ def check_summary(results: dict[str, Any]) -> None:
                 assert entry[key]["reached"] == sum(math.isfinite(s) for s in steps)
                 assert entry[key]["median_steps"] == _median(steps)
                 assert entry[key]["median_seconds"] == pytest.approx(_median(secs))
+            to_all = [
+                math.inf if None in (steps := [r[f"steps_to_{k}"] for k in targets]) else max(steps) for r in mine
+            ]
+            assert entry["all"]["median_steps"] == _median(to_all)
+            assert entry["all"]["reached"] == sum(math.isfinite(s) for s in to_all)
             if METHODS[method].is_kfac:
                 clipped = sum(r["kl_clipped_steps"] for r in mine) / sum(r["steps"][-1] for r in mine)
                 assert entry["kl_clipped_fraction"] == pytest.approx(clipped)
@@ -264,3 +269,26 @@ def test_cli_rejects_a_method_without_a_grid() -> None:
     settings = Settings(tasks=[TINY_MNIST], grids=grids, seeds=[0], tuning_seeds=[1], methods=["adam"])
     with pytest.raises(ValueError, match="mnist5k_cnn: methods without a grid: adam"):
         run_benchmark(settings, log=lambda line: None)
+
+
+def test_merge_combines_cases_and_refuses_a_repeated_one(tiny_results: dict[str, Any], tmp_path: Path) -> None:
+    first = tiny_results | {"meta": {"command": "kfac-dist bench convergence --batch-sizes 64", "settings": {}}}
+    renamed = {key.replace("_b64", "_b65"): value for key, value in tiny_results["tasks"].items()}
+    runs = [r | {"task": r["task"].replace("_b64", "_b65")} for r in tiny_results["runs"]]
+    second = {"tasks": renamed, "runs": runs, "meta": {"command": "kfac-dist bench convergence --batch-sizes 65"}}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, part in zip(paths, (first, second), strict=True):
+        path.write_text(json.dumps(part))
+    merged, settings = merge(paths)
+    check_summary(merged)  # recomputed from the runs: the same numbers
+    assert merged["tasks"]["mnist5k_cnn_b64"] == json.loads(json.dumps(tiny_results["tasks"]["mnist5k_cnn_b64"]))
+    assert list(merged["tasks"]) == ["mnist5k_cnn_b64", "mnist5k_cnn_b65"]
+    assert len(merged["runs"]) == 2 * len(tiny_results["runs"])
+    assert [p["file"] for p in merged["parts"]] == [str(p) for p in paths] == settings["merged"]
+    text = convergence_report.markdown(merged | {"meta": {"settings": settings}})
+    assert "--batch-sizes 64" in text and "--batch-sizes 65" in text and "batch 64 (`mnist5k_cnn_b65`)" in text
+    with pytest.raises(ValueError, match=r"--merge .*b.json: case mnist5k_cnn_b65 is already in an earlier file"):
+        merge([paths[1], paths[1]])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"--merge .*bad.json: not a convergence benchmark result"):
+        merge([paths[0], tmp_path / "bad.json"])

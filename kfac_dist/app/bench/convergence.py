@@ -98,6 +98,8 @@ def best_first_order(methods: dict[str, Any], key: str, unit: str) -> str | None
 def summarize(runs: list[RunRecord], best: dict[str, Hyper], targets: tuple[str, ...]) -> dict[str, Any]:
     """Per-method medians over the measured seeds and each K-FAC method's ratios of medians, for one case.
 
+    ``methods[method][key]`` per target and ``methods[method]["all"]`` until every target is reached.
+
     ``ratios[method][base][key][unit]``: the K-FAC method's median over ``base``'s, for ``base`` each first-order
     method and ``"best"`` (per target and unit, the first-order method with the lower median).
     """
@@ -112,6 +114,11 @@ def summarize(runs: list[RunRecord], best: dict[str, Hyper], targets: tuple[str,
                 "median_steps": finite_or_none(_median(steps)),
                 "median_seconds": finite_or_none(_median([_to(r, key, "seconds") for r in mine])),
             }
+        entry["all"] = {
+            "reached": sum(r.reached(targets) for r in mine),
+            "median_steps": finite_or_none(_median([_to_all(r, targets) for r in mine])),
+            "median_seconds": finite_or_none(_median([_to_all(r, targets, "seconds") for r in mine])),
+        }
         entry["ms_per_step"] = finite_or_none(_median([r.ms_per_step() for r in mine]))
         if method not in FIRST_ORDER:
             taken = [r.steps[-1] for r in mine]
@@ -300,6 +307,14 @@ def merge(paths: list[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
         repeated = sorted(set(tasks) & set(results["tasks"]))
         if repeated:
             raise ValueError(f"--merge {path}: case {', '.join(repeated)} is already in an earlier file")
+        for key, summary in tasks.items():  # the summary again from the runs: a part from an older version agrees
+            measured = [RunRecord.from_json(r) for r in runs if r["task"] == key and r["phase"] == "measure"]
+            best = {method: entry["hyper"] for method, entry in summary["methods"].items()}
+            edges = {method: entry.get("grid_edges", []) for method, entry in summary["methods"].items()}
+            targets = ("loss",) if summary["task"]["acc_target"] is None else ("loss", "acc")
+            summary.update(summarize(measured, best, targets))
+            for method, edge in edges.items():
+                summary["methods"][method]["grid_edges"] = edge
         results["tasks"].update(tasks)
         results["runs"] += runs
         results["parts"].append(meta | {"file": str(path)})

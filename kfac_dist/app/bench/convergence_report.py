@@ -87,6 +87,29 @@ def _issue_table(results: dict[str, Any]) -> list[str]:
     return md_table(head, body)
 
 
+def _variant_table(results: dict[str, Any]) -> list[str]:
+    """Each K-FAC variant against the protocol's K-FAC: median steps (seconds) until every target, per case."""
+    variants = [m for m in KFAC_METHODS[1:] if any(m in s["methods"] for s in results["tasks"].values())]
+    head = ["case", f"{_title(KFAC_METHODS[0])}: steps (s)", *[f"{_title(m)}: steps (s)" for m in variants]]
+    body, fewer = [], dict.fromkeys(variants, 0)
+    for key, summary in results["tasks"].items():
+        methods = summary["methods"]
+        base = methods.get(KFAC_METHODS[0], {}).get("all", {}).get("median_steps")
+        cells = [f"`{key}`"]
+        for method in (KFAC_METHODS[0], *variants):
+            entry = methods.get(method, {}).get("all")
+            if entry is None:
+                cells.append("-")
+                continue
+            steps, seconds = entry["median_steps"], entry["median_seconds"]
+            cells.append(f"{_num(steps, '.0f')} ({_num(seconds, '.3g', '-')})")
+            if method != KFAC_METHODS[0] and steps is not None and (base is None or steps < base):
+                fewer[method] += 1
+        body.append(cells)
+    body.append(["cases with fewer steps than the protocol's", "", *[str(fewer[m]) for m in variants]])
+    return md_table(head, body)
+
+
 def _kl_table(results: dict[str, Any]) -> list[str]:
     """Where KL-clip binds: per case and K-FAC method with a clip, the fraction of steps it scaled down."""
     head = ["case", "method", "tuned", "steps clipped", "median KL-clip scale", "final damping"]
@@ -164,6 +187,10 @@ def markdown(results: dict[str, Any]) -> str:
         "## The issue's targets: each K-FAC method against the best tuned first-order method",
         "",
         *_issue_table(results),
+        "",
+        "## K-FAC's variants against its protocol (median steps and seconds until every target)",
+        "",
+        *_variant_table(results),
         "",
         "## Where KL-clip binds (measured runs)",
         "",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -171,6 +171,14 @@ class RunRecord:
         out["train_loss"] = [finite_or_none(v) for v in self.train_loss]
         out["ms_per_step"] = finite_or_none(self.ms_per_step())
         return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunRecord:
+        """The record of :meth:`to_json`'s dict (a missing loss is NaN again)."""
+        names = {f.name for f in fields(cls)}
+        record = cls(**{k: v for k, v in data.items() if k in names})
+        record.train_loss = [math.nan if v is None else v for v in record.train_loss]
+        return record
 
 
 def finite_or_none(value: float) -> float | None:
