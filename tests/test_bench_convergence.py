@@ -184,6 +184,13 @@ def test_markdown_and_json_agree(tiny_results: dict[str, Any]) -> None:
             f"{entry['loss']['median_seconds']:.3g}", f"{entry['acc']['reached']}/2",
             f"{entry['acc']['median_steps']:.0f}", f"{entry['acc']['median_seconds']:.3g}",
         ]  # fmt: skip
+    section = text.split("## K-FAC's variants")[1].split("## ")[0]
+    (variants,) = [line for line in section.splitlines() if line.startswith("| `mnist5k_cnn_b64` | ")]
+    expected_cells = [
+        f"{summary['methods'][m]['all']['median_steps']:.0f} ({summary['methods'][m]['all']['median_seconds']:.3g})"
+        for m in KFAC_METHODS
+    ]
+    assert [c.strip() for c in variants.strip("|").split("|")][1:] == expected_cells
     (row,) = [line for line in text.splitlines() if line.startswith(f"| {METHODS['kfac'].title} / best first-order |")]
     ratios = summary["ratios"]["kfac"]["best"]
     expected = [f"{ratios[k][u]:.2f}x" for k in ("loss", "acc") for u in ("steps", "seconds")]

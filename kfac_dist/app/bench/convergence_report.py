@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def _variant_table(results: dict[str, Any]) -> list[str]:
     """Each K-FAC variant against the protocol's K-FAC: median steps (seconds) until every target, per case."""
     variants = [m for m in KFAC_METHODS[1:] if any(m in s["methods"] for s in results["tasks"].values())]
     head = ["case", f"{_title(KFAC_METHODS[0])}: steps (s)", *[f"{_title(m)}: steps (s)" for m in variants]]
-    body, fewer = [], dict.fromkeys(variants, 0)
+    body, fewer, more = [], dict.fromkeys(variants, 0), dict.fromkeys(variants, 0)
     for key, summary in results["tasks"].items():
         methods = summary["methods"]
         base = methods.get(KFAC_METHODS[0], {}).get("all", {}).get("median_steps")
@@ -103,10 +104,13 @@ def _variant_table(results: dict[str, Any]) -> list[str]:
                 continue
             steps, seconds = entry["median_steps"], entry["median_seconds"]
             cells.append(f"{_num(steps, '.0f')} ({_num(seconds, '.3g', '-')})")
-            if method != KFAC_METHODS[0] and steps is not None and (base is None or steps < base):
-                fewer[method] += 1
+            if method != KFAC_METHODS[0]:
+                mine, theirs = (math.inf if v is None else v for v in (steps, base))
+                fewer[method] += mine < theirs
+                more[method] += mine > theirs
         body.append(cells)
-    body.append(["cases with fewer steps than the protocol's", "", *[str(fewer[m]) for m in variants]])
+    counts = [f"{fewer[m]} / {more[m]}" for m in variants]
+    body.append(["cases with fewer / more steps than the protocol's", "", *counts])
     return md_table(head, body)
 
 
