@@ -39,6 +39,7 @@ def sampled_loss(
     """
     if kind not in LOSS_KINDS:
         raise ValueError(f"loss_kind must be one of {', '.join(map(repr, LOSS_KINDS))}; got {kind!r}")
+    terms = _terms_per_example(outputs, kind, reduction)
     with torch.no_grad():
         detached = outputs.detach().float()
         if kind == "cross_entropy":
@@ -48,13 +49,18 @@ def sampled_loss(
         elif kind == "binary_cross_entropy":
             targets = torch.bernoulli(torch.sigmoid(detached), generator=generator).to(outputs.dtype)
         else:
-            per_example = detached[0].numel() if reduction == "mean" and detached.dim() > 1 else 1
             noise = torch.randn(detached.shape, generator=generator, device=detached.device)
-            targets = (detached + noise * (per_example / 2) ** 0.5).to(outputs.dtype)
+            targets = (detached + noise * (terms / 2) ** 0.5).to(outputs.dtype)
     if kind == "cross_entropy":
-        terms = detached[0].numel() // detached.shape[1] if reduction == "mean" and detached.dim() > 1 else 1
         return F.cross_entropy(outputs, labels, reduction=reduction) * terms**0.5
     if kind == "binary_cross_entropy":
-        terms = detached[0].numel() if reduction == "mean" and detached.dim() > 1 else 1
         return F.binary_cross_entropy_with_logits(outputs, targets, reduction=reduction) * terms**0.5
     return F.mse_loss(outputs, targets, reduction=reduction)
+
+
+def _terms_per_example(outputs: torch.Tensor, kind: str, reduction: str) -> int:
+    """D: the loss terms a ``"mean"`` loss averages over per example (1 for ``"sum"`` or 1-d outputs)."""
+    if reduction != "mean" or outputs.dim() < 2:
+        return 1
+    elements = outputs[0].numel()
+    return elements // outputs.shape[1] if kind == "cross_entropy" else elements

@@ -283,9 +283,16 @@ def _case_figure(results: dict[str, Any], name: str, summary: dict[str, Any], ou
         axes[-1, col].set_xlabel(xlabel)
     axes[0, 0].legend(fontsize=7)
     seeds = len({r["seed"] for r in results["runs"] if r["task"] == name and r["phase"] == "measure"})
-    fig.suptitle(f"{task['title']}, batch {task['batch_size']}: median over {seeds} seeds (bands: min-max)")
+    title = f"{task['title']}, batch {task['batch_size']}: median over {seeds} seeds (bands: min-max)"
+    return _save(fig, title, Path(f"{out}_{name}.png"))
+
+
+def _save(fig: Any, title: str, path: Path) -> Path:
+    """Title, lay out, write and close a figure; its path."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
     fig.tight_layout()
-    path = Path(f"{out}_{name}.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -313,12 +320,8 @@ def _sweep_figure(results: dict[str, Any], task_name: str, cases: list[dict[str,
         axes[col].grid(alpha=0.3, which="both")
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=7)
-    fig.suptitle(f"{cases[0]['task']['title']}: steps and time to the loss target against the batch size")
-    fig.tight_layout()
-    path = Path(f"{out}_{task_name}_sweep.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    title = f"{cases[0]['task']['title']}: steps and time to the loss target against the batch size"
+    return _save(fig, title, Path(f"{out}_{task_name}_sweep.png"))
 
 
 def plot(results: dict[str, Any], out: Path) -> list[Path]:
